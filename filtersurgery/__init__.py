@@ -1,0 +1,27 @@
+"""filtersurgery: model surgery for arbitrary CNNs.
+
+Public API
+----------
+Tracing
+    trace(model, example_inputs=None) -> ScalingMap      every conv -> its BN/GN/LN scaling factor
+Operations (SPEC §1, §2, §5)
+    sparsify(model, target_r=0.3, ...) -> Sparsifier      selective sparsity training (SST) / BST
+    rank_filters(model)                                   filters ordered by |gamma|
+    rescale(model, target_r=0.3, I=0.1)                   diverse re-initialization (Dri), eq. 4
+    reactivate_kernels(model, ...)                        kernel reactivation
+Distillation (SPEC §3, §4)
+    blocks(model), capture_blocks(model), attention_map(x), losses.*
+Training
+    train.single_step(...), train.multi_step(...)         the multi-step framework and baselines
+"""
+from .scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, unwrap
+
+__version__ = "0.1.0"
+
+# --- tracer (tracer.py) ---
+
+# --- operations (sparsity.py, ranking.py, reinit.py, reactivation.py) ---
+
+# --- distillation (blockfeats.py, losses.py) ---
+
+# --- trainer (train.py) ---

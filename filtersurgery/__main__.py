@@ -1,0 +1,6 @@
+"""``python -m filtersurgery`` (also under ``torchrun``)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

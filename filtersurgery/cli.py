@@ -1,0 +1,46 @@
+"""``filtersurgery`` command line: ``inspect``, ``zoo``, ``run``, ``demo`` (see docs/cli.md).
+
+Each sub-command lives in the module that implements it; that module exposes
+``add_parsers(subparsers)`` which registers its commands with ``set_defaults(func=...)``.
+A command function takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# modules that register sub-commands, in the order they appear in --help
+COMMAND_MODULES = ["filtersurgery.zoo", "filtersurgery.runner"]
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="filtersurgery",
+        description="Model surgery for CNNs: trace scaling factors, sparsify, re-initialize, distil.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod_name in COMMAND_MODULES:
+        importlib.import_module(mod_name).add_parsers(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError, RuntimeError) as e:
+        # bad input and known failures: one line, no traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"filtersurgery {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The ScalingMap: which normalization weight (gamma) scales each conv filter.
+
+SPEC §0: the *scaling factor* of filter ``c`` of a conv is the per-channel affine weight
+of the norm layer that normalizes that filter's output channel. A filter may land on
+several norms (DenseNet concatenation); a conv with no such norm is *unscaled* and
+carries a reason.
+
+A ``ScalingMap`` is produced by :func:`filtersurgery.trace`. It keeps a reference to the
+traced module (the unwrapped one: ``DataParallel``/``DDP``/``torch.compile`` wrappers are
+peeled off) so that operations can be called with the map alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NormRef:
+    """Filter ``c`` of the conv lands on channel ``offset + c`` of norm ``norm``."""
+
+    norm: str
+    offset: int
+
+
+@dataclass
+class ConvEntry:
+    """One ``nn.Conv2d`` of the model and what scales its filters."""
+
+    name: str
+    out_channels: int
+    groups: int
+    scaled_by: List[NormRef] = field(default_factory=list)
+    reason: Optional[str] = None  # None when mapped, else why it is unscaled
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.scaled_by)
+
+
+@dataclass
+class FactorView:
+    """Flat, cached view of every scaling factor of the model (SPEC §1 candidates).
+
+    ``params[i]`` is the weight tensor of norm ``norms[i]``; ``channels[i]`` the (sorted,
+    unique) channel indices of that norm that scale at least one conv filter. The global
+    factor index ``k`` runs over ``(i, channels[i][j])`` in this order;
+    ``offsets[i]`` is the global index of ``channels[i][0]``.
+    """
+
+    norms: List[str]
+    params: List[nn.Parameter]
+    channels: List[torch.Tensor]
+    offsets: List[int]
+
+    @property
+    def numel(self) -> int:
+        return sum(int(c.numel()) for c in self.channels)
+
+    def gammas(self) -> torch.Tensor:
+        """All scaling factors as one detached float32 vector (global factor order)."""
+        if not self.params:
+            return torch.zeros(0)
+        dev = self.params[0].device
+        return torch.cat([p.detach()[c.to(p.device)].float().to(dev) for p, c in zip(self.params, self.channels)])
+
+    def masks_from_flat(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """Scatter a flat per-factor tensor back to one full-size tensor per norm weight.
+
+        Channels of a norm that scale no filter get 0.
+        """
+        out = []
+        for p, c, off in zip(self.params, self.channels, self.offsets):
+            full = torch.zeros(p.shape, dtype=flat.dtype, device=p.device)
+            full[c.to(p.device)] = flat[off : off + c.numel()].to(p.device)
+            out.append(full)
+        return out
+
+    def locate(self, k: int) -> Tuple[str, int]:
+        """Global factor index -> ``(norm_name, channel)``."""
+        for name, c, off in zip(self.norms, self.channels, self.offsets):
+            if off <= k < off + c.numel():
+                return name, int(c[k - off])
+        raise IndexError(f"factor index {k} out of range [0, {self.numel})")
+
+
+class ScalingMap:
+    """Map from every conv filter to the normalization weight(s) that scale it.
+
+    Use ``sm[conv_name]`` for a :class:`ConvEntry`, ``sm.scaled_by(conv_name, c)`` for
+    the list of ``(norm_name, channel)`` of filter ``c``, ``sm.unscaled`` for
+    ``{conv_name: reason}`` and ``sm.factors`` for the cached :class:`FactorView`.
+    """
+
+    def __init__(self, module: nn.Module, convs: Dict[str, ConvEntry], norm_kinds: Dict[str, str]):
+        self.module = module
+        self.convs: Dict[str, ConvEntry] = dict(convs)
+        # name -> "bn" | "gn" | "ln2d" (channel dim 1) | "ln" (channel dim last)
+        self.norm_kinds: Dict[str, str] = dict(norm_kinds)
+        self._factors: Optional[FactorView] = None
+
+    # ----------------------------------------------------------------- queries
+    def __getitem__(self, conv_name: str) -> ConvEntry:
+        return self.convs[conv_name]
+
+    def __contains__(self, conv_name: str) -> bool:
+        return conv_name in self.convs
+
+    def __iter__(self) -> Iterator[ConvEntry]:
+        return iter(self.convs.values())
+
+    def __len__(self) -> int:
+        return len(self.convs)
+
+    @property
+    def mapped(self) -> Dict[str, ConvEntry]:
+        return {n: e for n, e in self.convs.items() if e.mapped}
+
+    @property
+    def unscaled(self) -> Dict[str, str]:
+        """``{conv_name: reason}`` for every conv without a scaling factor."""
+        return {n: e.reason or "unscaled" for n, e in self.convs.items() if not e.mapped}
+
+    def scaled_by(self, conv_name: str, c: int) -> List[Tuple[str, int]]:
+        """``[(norm_name, channel)]`` scaling filter ``c`` of conv ``conv_name``."""
+        e = self.convs[conv_name]
+        if not 0 <= c < e.out_channels:
+            raise ValueError(f"c: filter index must be in [0, {e.out_channels}), got {c}")
+        return [(r.norm, r.offset + c) for r in e.scaled_by]
+
+    @property
+    def coverage(self) -> float:
+        """Mapped convs / convs that could have been mapped (see docs/tracer.md)."""
+        structural = ("SE gate", "classifier", "head", "no norm in the model", "no affine", "frozen")
+        denom = sum(1 for e in self.convs.values() if e.mapped or not any(s in (e.reason or "") for s in structural))
+        return 1.0 if denom == 0 else len(self.mapped) / denom
+
+    # ----------------------------------------------------------- factor view
+    @property
+    def factors(self) -> FactorView:
+        """Cached flat view of the scaling factors (built once, no re-walk)."""
+        if self._factors is None:
+            chans: Dict[str, set] = {}
+            for e in self.convs.values():
+                for r in e.scaled_by:
+                    chans.setdefault(r.norm, set()).update(range(r.offset, r.offset + e.out_channels))
+            norms, params, channels, offsets, off = [], [], [], [], 0
+            mods = dict(self.module.named_modules())
+            for name in sorted(chans, key=list(mods).index):
+                w = mods[name].weight
+                idx = torch.tensor(sorted(c for c in chans[name] if c < w.numel()), dtype=torch.long)
+                norms.append(name)
+                params.append(w)
+                channels.append(idx)
+                offsets.append(off)
+                off += idx.numel()
+            self._factors = FactorView(norms, params, channels, offsets)
+        return self._factors
+
+    def to_json(self) -> list:
+        """The ``convs`` list of ``filtersurgery inspect --json``."""
+        return [
+            {
+                "name": e.name,
+                "out_channels": e.out_channels,
+                "groups": e.groups,
+                "scaled_by": [{"norm": r.norm, "offset": r.offset} for r in e.scaled_by],
+                "reason": e.reason,
+            }
+            for e in self.convs.values()
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"ScalingMap(convs={len(self.convs)}, mapped={len(self.mapped)}, "
+            f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={self.coverage:.3f})"
+        )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Peel ``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    return model
