@@ -1,0 +1,164 @@
+"""``filtersurgery run`` and ``filtersurgery demo``: the trainer from the command line.
+
+``run`` writes, per seed, ``OUT/seedS/stepK.safetensors``, ``OUT/seedS/metrics.json``,
+``OUT/seedS/epochs.csv``, and over all seeds ``OUT/summary.json`` and
+``OUT/accuracy.png``. Re-running the same command resumes (docs/cli.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .train import METHODS, TrainConfig
+
+# settings that must match for a re-run to resume into an existing --out
+_IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
+             "msl", "teacher_update", "students", "at_weight", "max_batches")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help="timm:NAME, torchvision:NAME or a bare timm NAME (default %(default)s)")
+    p.add_argument("--data", default=d.data, help="fashion-mnist | cifar100 | imagefolder:PATH | demo (default %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
+    p.add_argument("--split", choices=["single", "multi"], default=d.split, help="1:1 (single) or `steps` equal parts (multi)")
+    p.add_argument("--steps", type=int, default=None, help="number of steps/data parts (default 4 multi, 2 single)")
+    p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per phase (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
+    p.add_argument("--subset", type=int, default=None, help="N training images per data part (quick runs)")
+    p.add_argument("--lr", type=float, default=None, help="new-data learning rate (finetune/AOD/DML/LwM; default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--target-r", type=float, default=d.target_r, help="Target_r of SST (default %(default)s)")
+    p.add_argument("--lam", type=float, default=d.lam, help="L1 strength lambda (default %(default)s)")
+    p.add_argument("--at-weight", type=float, default=d.at_weight, help="weight of the AT term of MSL (default %(default)s)")
+    p.add_argument("--no-msl", dest="msl", action="store_false", help="ablation: steps>=3 run SST with CE, no distillation")
+    p.add_argument("--no-teacher-update", dest="teacher_update", action="store_false", help="ablation: fixed MSL teacher")
+    p.add_argument("--students", type=int, choices=[1, 2], default=d.students, help="ablation: AOD students (default 2)")
+    p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    steps = args.steps if args.steps is not None else (2 if args.split == "single" else 4)
+    return TrainConfig(
+        model=args.model, data=args.data, data_root=args.data_root, download=args.download, split=args.split,
+        steps=steps, method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        subset=args.subset, target_r=args.target_r, lam=args.lam, at_weight=args.at_weight, msl=args.msl,
+        teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,
+        channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress,
+    )
+
+
+def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
+    """Refuse to resume into a folder that holds a run with other settings (nothing is overwritten)."""
+    mpath = out / f"seed{seed}" / "metrics.json"
+    if not mpath.exists():
+        return
+    try:
+        old = json.loads(mpath.read_text()).get("config", {})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"out: {mpath} is corrupt ({e}); move it away or use another --out") from None
+    new = asdict(cfg)
+    diff = [k for k in _IDENTITY if k in old and old[k] != new[k]]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"out: {out} holds a run with {k}={old[k]!r} (now {new[k]!r}); use another --out to keep both")
+
+
+def summarize(out: Path, seeds: List[int], method: str) -> Dict:
+    """Mean and std of test accuracy per step over seeds -> OUT/summary.json (+ accuracy.png)."""
+    per_step: Dict[int, List[float]] = {}
+    secs: Dict[int, List[float]] = {}
+    flops: Dict[int, List[float]] = {}
+    for s in seeds:
+        m = json.loads((out / f"seed{s}" / "metrics.json").read_text())
+        for e in m["steps"]:
+            per_step.setdefault(e["step"], []).append(e["test_acc"])
+            secs.setdefault(e["step"], []).append(e["seconds"])
+            flops.setdefault(e["step"], []).append(e.get("train_flops", 0))
+    rows = []
+    for k in sorted(per_step):
+        v = per_step[k]
+        rows.append({"step": k, "test_acc_mean": statistics.fmean(v), "test_acc_std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                     "n": len(v), "seconds_mean": statistics.fmean(secs[k]), "train_flops": statistics.fmean(flops[k])})
+    summary = {"method": method, "seeds": seeds, "steps": rows}
+    from .checkpoint import atomic_write_json
+
+    atomic_write_json(summary, out / "summary.json")
+    from .report import accuracy_per_step
+
+    accuracy_per_step({method: rows}, out / "accuracy.png")
+    return summary
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .models import build_model
+    from .train import multi_step
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
+    out = Path(args.out or f"runs/{cfg.method}")
+    for s in args.seeds:
+        check_out_dir(out, cfg, s)
+    data = load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+    for s in args.seeds:
+        m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
+        for e in m["steps"]:
+            print(f"seed {s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  ({e['seconds']:.0f}s)")
+    summary = summarize(out, args.seeds, cfg.method)
+    for r in summary["steps"]:
+        print(f"step {r['step']}: {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} (n={r['n']})")
+    print(f"wrote {out}/summary.json, {out}/accuracy.png and per-seed checkpoints/metrics")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Framework vs fine-tuning on Fashion-MNIST, CPU-sized (embedded subset when the full set is absent)."""
+    from .data import load_dataset
+    from .report import accuracy_per_step
+    from .train import multi_step
+
+    data = load_dataset("fashion-mnist", root=args.data_root, allow_demo=True)
+    print(f"data: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test images)")
+    out = Path(args.out)
+    results = {}
+    for method in ("finetune", "framework"):
+        cfg = TrainConfig(model=args.model, data="fashion-mnist", method=method, steps=args.steps, epochs=args.epochs,
+                          subset=args.subset, device=args.device, batch_size=128, progress=args.progress)
+        m = multi_step(cfg, out / method / "seed0", seed=0, data=data)
+        results[method] = [{"step": e["step"], "test_acc_mean": e["test_acc"], "test_acc_std": 0.0} for e in m["steps"]]
+    print(f"{'step':>4}  {'finetune':>9}  {'framework':>9}")
+    for a, b in zip(results["finetune"], results["framework"]):
+        print(f"{a['step']:>4}  {a['test_acc_mean']:>8.2f}%  {b['test_acc_mean']:>8.2f}%")
+    accuracy_per_step(results, out / "accuracy.png")
+    print(f"plots: {out / 'accuracy.png'}; checkpoints and metrics under {out}/<method>/seed0/")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("run", help="train with the multi-step framework or a baseline")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+    d = sub.add_parser("demo", help="framework vs fine-tuning on (embedded) Fashion-MNIST, CPU-sized")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--model", default="timm:resnet18")
+    d.add_argument("--steps", type=int, default=4)
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--subset", type=int, default=1200, help="training images per data part (default %(default)s)")
+    d.add_argument("--data-root", default=None)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+    d.set_defaults(func=cmd_demo)

@@ -1,0 +1,553 @@
+"""The multi-step trainer: SPEC §1-4 composed into steps, plus the §9 baselines.
+
+Read top to bottom, a step of the framework is::
+
+    step 1            train Data1 from scratch (CE, lr 0.1)                       -> M1
+    step 2            SST on Data1 (CE + selective L1)                            -> S
+                      Dri(S, I=0.1), Dri(S, I=0.2)  -> two students
+                      AOD on Data2 (eqs. 5-8), keep the better student on val     -> M2
+    step k >= 3       SST on Data_k with MSL (eq. 9: KL + AT to the teacher M_{k-1},
+                      classifier frozen, teacher <- student when val improves)      -> S
+                      Dri x2 + AOD on Data_k                                       -> M_k
+
+Every step is a list of *phases* (``scratch``, ``sst``, ``aod``, ``finetune``, ...). A
+phase trains one or two models for ``cfg.epochs`` epochs and writes a resumable state
+after every epoch; a finished phase writes its output model, so a killed run re-run with
+the same arguments continues from its last finished epoch.
+
+The baselines swap the phases of steps >= 2: ``finetune`` (CE at ``lr``), ``bst``
+(network slimming instead of SST), ``dml`` (two students, CE + KL to the peer), ``lwm``
+(CE + KD + Grad-CAM attention distillation from the previous model), ``joint`` (from
+scratch on all data seen so far). ``single_step`` is ``multi_step`` with two parts.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import augment, checkpoint, losses
+from .blockfeats import blocks as find_blocks, capture_blocks
+from .data import BatchLoader, ImageData, load_dataset, split_parts
+from .models import build_model
+from .reinit import rescale
+from .sparsity import sparsify
+
+METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint")
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults are SPEC §1-4 and paper IV-B's."""
+
+    model: str = "timm:resnet18"
+    data: str = "fashion-mnist"
+    data_root: Optional[str] = None
+    download: bool = False
+    split: str = "multi"  # "multi": `steps` equal parts; "single": 1:1
+    steps: int = 4
+    method: str = "framework"
+    epochs: int = 30  # per phase (SST and AOD each get it)
+    batch_size: int = 256
+    lr: Optional[float] = None  # new-data lr: finetune/AOD/DML/LwM (default 1e-3)
+    scratch_lr: float = 0.1  # step 1 and joint
+    sst_lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    subset: Optional[int] = None  # training images per part
+    val_fraction: float = 0.1
+    # SST / Dri / AOD / MSL
+    target_r: float = 0.3
+    lam: float = 1e-4
+    e_cut_fraction: float = 1.0 / 3.0
+    dri_I: Tuple[float, float] = (0.1, 0.2)
+    alpha: float = 0.5
+    kd_temperature: float = 1.0
+    at_weight: float = 1e3
+    # ablation switches (framework only)
+    msl: bool = True  # False: steps >= 3 run SST with CE on current data
+    teacher_update: bool = True
+    students: int = 2  # 1: AOD with one student (CE + alpha * L_CR)
+    # LwM
+    lwm_beta: float = 1.0
+    lwm_gamma: float = 1.0
+    # runtime
+    device: str = "auto"
+    amp: str = "auto"  # "bf16", "fp16", "none", "auto" (bf16 on CUDA, none on CPU)
+    channels_last: bool = False
+    workers_seed: int = 0
+    progress: bool = True
+    max_batches: Optional[int] = None  # cap batches per epoch (smoke tests)
+
+    def validate(self) -> None:
+        """One-line ValueError naming the bad field and its allowed range."""
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.split not in ("single", "multi"):
+            raise ValueError(f"split: must be 'single' or 'multi', got {self.split!r}")
+        if self.steps < 2:
+            raise ValueError(f"steps: must be >= 2 (step 1 trains Data1, later steps add data), got {self.steps}")
+        if self.split == "single" and self.steps != 2:
+            raise ValueError(f"steps: --split single means exactly 2 steps (1:1), got {self.steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.target_r < 1.0:
+            raise ValueError(f"target_r: must be in (0, 1), got {self.target_r}")
+        for I in self.dri_I:
+            if not (0.0 <= I and self.target_r + I < 1.0 - I):
+                raise ValueError(f"dri_I: each I needs target_r + I < 1 - I (target_r={self.target_r}), got {I}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.subset is not None and self.subset <= 0:
+            raise ValueError(f"subset: must be >= 1 images per part, got {self.subset}")
+        if self.students not in (1, 2):
+            raise ValueError(f"students: must be 1 or 2, got {self.students}")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
+        for name in ("lr", "scratch_lr", "sst_lr"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name}: must be > 0, got {v}")
+
+    @property
+    def new_lr(self) -> float:
+        return 1e-3 if self.lr is None else self.lr
+
+
+# --------------------------------------------------------------------------- utils
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def classifier_params(model: nn.Module) -> List[nn.Parameter]:
+    """Parameters of the classifier (timm ``get_classifier`` or the last ``nn.Linear``)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or not list(head.parameters()):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    return list(head.parameters()) if head is not None else []
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: ImageData, device, batch_size=1024,
+             amp: Optional[torch.dtype] = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on uint8 images ``x``; restores the train/eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(y), batch_size):
+            xb = augment.normalize(x[i : i + batch_size].to(device, non_blocking=True), data.mean, data.std)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                pred = model(xb).argmax(1)
+            correct += (pred.cpu() == y[i : i + batch_size]).sum().item()
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(1, len(y))
+
+
+def forward_flops(model: nn.Module, data: ImageData, device) -> int:
+    """FLOPs of one forward pass of one image (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, data.in_chans, data.size, data.size, device=device)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(x)
+        return int(fc.get_total_flops())
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- phases
+@dataclass
+class Phase:
+    """One training phase of a step: which models train, on which data, with what loss."""
+
+    name: str
+    kind: str  # scratch | finetune | sst | sst_msl | aod | dml | lwm
+    parts: List[int]  # data parts (0-based) whose train/val split is used
+    lr: float
+    epochs: int
+    selective: bool = True
+
+
+def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
+    """The phases of step ``step`` (1-based) for ``cfg.method`` (module docstring)."""
+    E, k = cfg.epochs, step - 1
+    if step == 1:
+        return [Phase("scratch", "scratch", [0], cfg.scratch_lr, E)]
+    m = cfg.method
+    if m == "joint":
+        return [Phase("joint", "scratch", list(range(step)), cfg.scratch_lr, E)]
+    if m == "finetune":
+        return [Phase("finetune", "finetune", [k], cfg.new_lr, E)]
+    if m == "dml":
+        return [Phase("dml", "dml", [k], cfg.new_lr, E)]
+    if m == "lwm":
+        return [Phase("lwm", "lwm", [k], cfg.new_lr, E)]
+    selective = m != "bst"
+    if step == 2:
+        sst = Phase("sst", "sst", [0], cfg.sst_lr, E, selective)
+    elif cfg.msl:
+        sst = Phase("sst", "sst_msl", [k], cfg.sst_lr, E, selective)
+    else:
+        sst = Phase("sst", "sst", [k], cfg.sst_lr, E, selective)
+    return [sst, Phase("aod", "aod", [k], cfg.new_lr, E)]
+
+
+def phase_flops(phase: Phase, fwd: int, n_images: int, students: int) -> int:
+    """Training FLOPs of a phase: 3x forward per trained model-image, 1x per frozen-teacher image."""
+    per_img = {
+        "scratch": 3 * fwd,
+        "finetune": 3 * fwd,
+        "sst": 3 * fwd,
+        "sst_msl": 3 * fwd + fwd,  # + teacher forward
+        "aod": students * 2 * 3 * fwd,  # two views per student
+        "dml": 2 * 3 * fwd,
+        "lwm": 3 * fwd + fwd + 2 * fwd,  # + teacher forward + Grad-CAM backward passes
+    }[phase.kind]
+    return per_img * n_images * phase.epochs
+
+
+class Run:
+    """State of one seed of one method: data, parts, output folder, logging."""
+
+    def __init__(self, cfg: TrainConfig, seed: int, out_dir: Path, data: Optional[ImageData] = None):
+        cfg.validate()
+        self.cfg, self.seed, self.out = cfg, seed, Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        self.amp = amp_dtype(cfg, self.device)
+        self.data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+        parts = cfg.steps if cfg.split == "multi" else 2
+        self.parts = split_parts(self.data.train_y, parts, seed=seed, val_fraction=cfg.val_fraction, subset=cfg.subset)
+        self.work = self.out / ".work"
+
+    # -- models
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        model, _ = build_model(self.cfg.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans)
+        model = model.to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def part_xy(self, parts: Sequence[int], which: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.cat([self.parts[p][0 if which == "train" else 1] for p in parts])
+        return self.data.train_x[idx], self.data.train_y[idx]
+
+    def acc(self, model, parts: Optional[Sequence[int]] = None) -> float:
+        """Validation accuracy on ``parts``, or test accuracy when ``parts`` is None."""
+        if parts is None:
+            x, y = self.data.test_x, self.data.test_y
+        else:
+            x, y = self.part_xy(parts, "val")
+        return evaluate(model, x, y, self.data, self.device, amp=self.amp)
+
+    def log_epoch(self, row: Dict) -> None:
+        path = self.out / "epochs.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def _sgd(params, lr, cfg: TrainConfig):
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed torch's global RNGs and return the augmentation generator (on ``device``: no host sync)."""
+    torch.manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
+    """Train ``phase`` starting from ``model``; returns the phase's output model.
+
+    Writes ``.work/state.pt`` after every epoch (resume) and ``.work/stepK_PHASE.safetensors``
+    when done.
+    """
+    cfg, dev = run.cfg, run.device
+    done_path = run.work / f"step{step}_{phase.name}.safetensors"
+    if done_path.exists():  # finished in an earlier (killed) run
+        model.load_state_dict(checkpoint.load_state_dict(done_path, device=str(dev)))
+        return model
+
+    x_tr, y_tr = run.part_xy(phase.parts, "train")
+    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=run.seed * 1000 + step, drop_last=len(y_tr) > cfg.batch_size)
+    gen = _seed_everything(run.seed * 7919 + step * 31 + len(phase.name), dev)
+
+    # ---- set up the trained model(s) and what the loss needs
+    teacher = None
+    students: List[nn.Module]
+    sp = None
+    frozen: List[nn.Parameter] = []
+    if phase.kind == "scratch":
+        students = [run.new_model()]
+    elif phase.kind in ("finetune", "sst", "sst_msl"):
+        students = [model]
+    elif phase.kind == "aod":
+        students = []
+        for i in range(cfg.students):
+            s = copy.deepcopy(model)
+            g = torch.Generator(device="cpu").manual_seed(run.seed * 100 + step * 10 + i)
+            rescale(s, target_r=cfg.target_r, I=cfg.dri_I[i], generator=g)
+            students.append(s)
+    elif phase.kind == "dml":
+        students = [copy.deepcopy(model), copy.deepcopy(model)]
+    elif phase.kind == "lwm":
+        students = [model]
+    else:  # pragma: no cover - plan_step only emits the kinds above
+        raise ValueError(f"phase kind {phase.kind!r}")
+
+    if phase.kind in ("sst_msl", "lwm"):
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if phase.kind == "sst_msl":
+        frozen = classifier_params(students[0])
+        for p in frozen:
+            p.requires_grad_(False)
+    if phase.kind in ("sst", "sst_msl"):
+        sp = sparsify(students[0], target_r=cfg.target_r, epochs=phase.epochs, lam=cfg.lam,
+                      selective=phase.selective, e_cut_fraction=cfg.e_cut_fraction)
+    block_names = find_blocks(students[0]) if phase.kind == "sst_msl" else None
+    last_block = find_blocks(students[0])[-1:] if phase.kind == "lwm" else None
+
+    params = [p for s in students for p in s.parameters() if p.requires_grad]
+    opt = _sgd(params, phase.lr, cfg)
+    steps_per_epoch = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs * max(1, steps_per_epoch))
+    scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
+    teacher_val = run.acc(teacher, phase.parts) if (teacher is not None and phase.kind == "sst_msl") else None
+
+    # ---- resume inside the phase
+    start_epoch = 0
+    state_path = run.work / STATE_FILE
+    if state_path.exists():
+        st = checkpoint.load_training_state(state_path)
+        if st["extra"].get("step") == step and st["extra"].get("phase") == phase.name:
+            sd = st["model"]
+            for i, s in enumerate(students):
+                s.load_state_dict({k[len(f"s{i}.") :]: v for k, v in sd.items() if k.startswith(f"s{i}.")})
+            if teacher is not None:
+                teacher.load_state_dict({k[2:]: v for k, v in sd.items() if k.startswith("t.")})
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["extra"]["sched"])
+            if sp is not None:
+                sp.load_state_dict(st["extra"]["sparsifier"])
+            teacher_val = st["extra"].get("teacher_val", teacher_val)
+            start_epoch = int(st["extra"]["epoch"])
+            checkpoint.set_rng_state(st["extra"]["rng"])
+            gen.set_state(st["extra"]["gen"])
+
+    for s in students:
+        s.train()
+    desc = f"seed{run.seed} step{step} {phase.name}"
+    for epoch in range(start_epoch, phase.epochs):
+        t0 = time.time()
+        loader.set_epoch(epoch)
+        if sp is not None:
+            sp.set_epoch(epoch, phase.epochs)
+        total, nb = 0.0, 0
+        it = _progress(loader, desc=f"{desc} ep{epoch + 1}/{phase.epochs}", total=steps_per_epoch, enable=cfg.progress)
+        for bi, (xb, yb) in enumerate(it):
+            if bi >= steps_per_epoch:
+                break
+            loss = _batch_loss(run, phase, students, teacher, xb, yb, gen, block_names, last_block)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # the L1 subgradient is added to unscaled gradients
+            if sp is not None:
+                sp.step()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total += loss.detach()
+            nb += 1
+        if not math.isfinite(float(total)):  # checked once per epoch: no host sync per batch
+            raise RuntimeError(
+                f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "
+                f"the last good state (end of the previous epoch) is kept in {state_path}"
+            )
+        row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+               "train_loss": float(total) / max(1, nb), "seconds": round(time.time() - t0, 3)}
+        vals = [run.acc(s, phase.parts) for s in students]
+        for i, v in enumerate(vals):
+            row[f"val_acc{i}"] = round(v, 3)
+        if sp is not None:
+            row["sp_r"] = round(float(sp.sp_r), 4)
+        if teacher is not None and phase.kind == "sst_msl" and cfg.teacher_update and vals[0] > teacher_val:
+            teacher.load_state_dict(students[0].state_dict())  # SPEC §4 teacher update
+            teacher_val = vals[0]
+            row["teacher_updated"] = 1
+        sd = {f"s{i}.{k}": v for i, s in enumerate(students) for k, v in s.state_dict().items()}
+        if teacher is not None:
+            sd.update({f"t.{k}": v for k, v in teacher.state_dict().items()})
+        checkpoint.save_training_state(
+            state_path, sd, opt.state_dict(),
+            {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": sched.state_dict(),
+             "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
+             "rng": checkpoint.rng_state(), "gen": gen.get_state()},
+        )
+        run.log_epoch({k: row.get(k, "") for k in _CSV_FIELDS})  # after the state: a kill never duplicates a row
+
+    # ---- phase output
+    for p in frozen:
+        p.requires_grad_(True)
+    if len(students) == 1:
+        out = students[0]
+    else:  # SPEC §3: the better student on the current data's validation split
+        vals = [run.acc(s, phase.parts) for s in students]
+        out = students[max(range(len(students)), key=lambda i: vals[i])]
+    checkpoint.save_state_dict(out.state_dict(), done_path)
+    return out
+
+
+_CSV_FIELDS = ["step", "phase", "epoch", "lr", "train_loss", "val_acc0", "val_acc1", "sp_r", "teacher_updated", "seconds"]
+
+
+def _progress(it, desc: str, total: int, enable: bool):
+    if not enable:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_names, last_block) -> torch.Tensor:
+    """The loss of one batch for ``phase.kind`` (SPEC §1-4, §9)."""
+    cfg, data, dev = run.cfg, run.data, run.device
+    ac = dict(device_type=dev.type, dtype=run.amp, enabled=run.amp is not None)
+    norm = lambda x: augment.normalize(x, data.mean, data.std)  # noqa: E731
+    cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if phase.kind == "aod":
+        xf, xc = augment.two_views(xb, generator=gen)
+        xf, xc = norm(xf).contiguous(memory_format=cl), norm(xc).contiguous(memory_format=cl)
+        with torch.autocast(**ac):
+            if len(students) == 2:
+                out = [(s(xf), s(xc)) for s in students]
+                l1, l2, _ = losses.aod_losses(out[0][0], out[0][1], out[1][0], out[1][1], yb,
+                                              alpha=cfg.alpha, T=cfg.kd_temperature)
+                return l1 + l2
+            lf, lc = students[0](xf), students[0](xc)
+            return F.cross_entropy(lf.float(), yb) + cfg.alpha * losses.consistency_loss(lf, lc)
+    x = norm(augment.random_crop_flip(xb, generator=gen)).contiguous(memory_format=cl)
+    with torch.autocast(**ac):
+        if phase.kind in ("scratch", "finetune", "sst"):
+            return F.cross_entropy(students[0](x).float(), yb)
+        if phase.kind == "dml":
+            a, b = students[0](x), students[1](x)
+            return losses.dml_loss(a, b, yb) + losses.dml_loss(b, a, yb)
+        if phase.kind == "sst_msl":
+            with torch.no_grad(), capture_blocks(teacher, block_names) as tf:
+                t_logits = teacher(x)
+                t_feats = [tf[n].float() for n in block_names]
+            with capture_blocks(students[0], block_names) as sf:
+                s_logits = students[0](x)
+                s_feats = [sf[n].float() for n in block_names]
+            return losses.msl_loss(t_logits.float(), s_logits.float(), t_feats, s_feats,
+                                   at_weight=cfg.at_weight, T=cfg.kd_temperature)
+        if phase.kind == "lwm":
+            # the teacher is frozen: its Grad-CAM needs a graph, so the input carries the grad
+            with capture_blocks(teacher, last_block) as tf:
+                t_logits = teacher(x.detach().requires_grad_(True))
+                t_feat = tf[last_block[0]]
+            with capture_blocks(students[0], last_block) as sf:
+                s_logits = students[0](x)
+                s_feat = sf[last_block[0]]
+            return losses.lwm_loss(s_logits.float(), t_logits.float(), yb, s_feat, t_feat,
+                                   beta=cfg.lwm_beta, gamma=cfg.lwm_gamma, T=cfg.kd_temperature)
+    raise ValueError(f"phase kind {phase.kind!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- steps
+def preprocess_info(data: ImageData) -> Dict:
+    return {"mean": list(map(float, data.mean)), "std": list(map(float, data.std)), "size": int(data.size),
+            "in_chans": int(data.in_chans), "num_classes": int(data.num_classes)}
+
+
+def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None,
+               step1_from: Optional[str] = None, until_step: Optional[int] = None) -> Dict:
+    """Run ``cfg.steps`` steps of ``cfg.method`` for one seed; returns the metrics dict.
+
+    Writes ``out_dir/stepK.safetensors``, ``out_dir/metrics.json``, ``out_dir/epochs.csv``.
+    Re-running with the same ``out_dir`` resumes. ``step1_from``: a ``step1.safetensors``
+    to reuse (the step-1 model is the same for every method of a seed); ``until_step``:
+    stop after that step (the rest can be run later into the same ``out_dir``).
+    """
+    run = Run(cfg, seed, Path(out_dir), data)
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    run.work.mkdir(exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"out: directory {out} is not writable")
+    metrics_path = out / "metrics.json"
+    metrics = checkpoint.read_json(metrics_path) if metrics_path.exists() else {}
+    metrics.setdefault("preprocess", preprocess_info(run.data))
+    metrics.setdefault("steps", [])
+    metrics["config"] = {**asdict(cfg), "seed": seed}
+    done = {s["step"] for s in metrics["steps"]}
+    fwd = None
+
+    model = run.new_model()
+    for step in range(1, (until_step or cfg.steps) + 1):
+        ckpt = out / f"step{step}.safetensors"
+        if step in done and ckpt.exists():
+            model.load_state_dict(checkpoint.load_state_dict(ckpt, device=str(run.device)))
+            continue
+        t0 = time.time()
+        phases = plan_step(cfg, step)
+        if step == 1 and step1_from is not None and Path(step1_from).exists():
+            model.load_state_dict(checkpoint.load_state_dict(step1_from, device=str(run.device)))
+            phases_run = []
+        else:
+            phases_run = phases
+            for phase in phases:
+                model = run_phase(run, step, phase, model)
+        fwd = fwd or forward_flops(model, run.data, run.device)
+        flops = sum(phase_flops(p, fwd, len(run.part_xy(p.parts, "train")[1]), cfg.students if p.kind == "aod" else 1)
+                    for p in phases_run)
+        cur = list(range(step)) if cfg.method == "joint" else [step - 1]
+        entry = {"step": step, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, cur), 4),
+                 "seconds": round(time.time() - t0, 2), "train_flops": flops,
+                 "phases": [p.name for p in phases_run]}
+        checkpoint.save_state_dict(model.state_dict(), ckpt)
+        metrics["steps"] = [s for s in metrics["steps"] if s["step"] != step] + [entry]
+        checkpoint.atomic_write_json(metrics, metrics_path)
+        for f in run.work.glob(f"step{step}_*.safetensors"):
+            f.unlink()
+        (run.work / STATE_FILE).unlink(missing_ok=True)
+    return metrics
+
+
+def single_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None, **kw) -> Dict:
+    """The single-step (1:1) experiment: ``multi_step`` with ``split='single'``, 2 steps."""
+    return multi_step(replace(cfg, split="single", steps=2), out_dir, seed=seed, data=data, **kw)
