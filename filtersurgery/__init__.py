@@ -19,9 +19,24 @@ from .scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, unwrap
 __version__ = "0.1.0"
 
 # --- tracer (tracer.py) ---
+from .models import build_model, list_cnns
+from .tracer import default_input_size, trace
+from .zoo import VerifyResult, verify
 
 # --- operations (sparsity.py, ranking.py, reinit.py, reactivation.py) ---
+from .ranking import FilterRanking, rank_filters, remaining_mean, useless_mask
+from .reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
+from .reinit import RescaleReport, rescale
+from .sparsity import Sparsifier, SparsityConfig, sparsify
 
 # --- distillation (blockfeats.py, losses.py) ---
+from . import losses
+from .blockfeats import blocks, capture_blocks
+from .losses import attention_map
+
+# --- data, checkpoints (data.py, augment.py, checkpoint.py) ---
+from .data import ImageData, load_dataset, split_parts
 
 # --- trainer (train.py) ---
+from . import train
+from .train import TrainConfig

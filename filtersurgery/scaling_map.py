@@ -98,9 +98,11 @@ class ScalingMap:
     def __init__(self, module: nn.Module, convs: Dict[str, ConvEntry], norm_kinds: Dict[str, str]):
         self.module = module
         self.convs: Dict[str, ConvEntry] = dict(convs)
-        # name -> "bn" | "gn" | "ln2d" (channel dim 1) | "ln" (channel dim last)
+        # name -> "bn" | "gn" | "in" | "ln2d" | "norm2d" (channel dim 1) | "ln" | "norm" (channel dim last)
         self.norm_kinds: Dict[str, str] = dict(norm_kinds)
         self._factors: Optional[FactorView] = None
+        self.input_size: Optional[Tuple[int, ...]] = None  # (C, H, W) the tracer used
+        self.trace_seconds: Optional[float] = None
 
     # ----------------------------------------------------------------- queries
     def __getitem__(self, conv_name: str) -> ConvEntry:
@@ -133,9 +135,13 @@ class ScalingMap:
 
     @property
     def coverage(self) -> float:
-        """Mapped convs / convs that could have been mapped (see docs/tracer.md)."""
-        structural = ("SE gate", "classifier", "head", "no norm in the model", "no affine", "frozen")
-        denom = sum(1 for e in self.convs.values() if e.mapped or not any(s in (e.reason or "") for s in structural))
+        """Mapped convs / convs that have an affine per-channel norm downstream (docs/tracer.md).
+
+        A conv counts in the denominator unless it is unscaled for a *structural* reason
+        (``is_structural(reason)``): no per-channel path from it reaches an affine norm.
+        Unscaled convs with other reasons (unsupported ops, not executed) are tracer misses.
+        """
+        denom = sum(1 for e in self.convs.values() if e.mapped or not is_structural(e.reason))
         return 1.0 if denom == 0 else len(self.mapped) / denom
 
     # ----------------------------------------------------------- factor view
@@ -178,6 +184,33 @@ class ScalingMap:
             f"ScalingMap(convs={len(self.convs)}, mapped={len(self.mapped)}, "
             f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={self.coverage:.3f})"
         )
+
+
+# Reasons (prefixes) for which a conv has no affine per-channel norm downstream at all;
+# these convs are left out of ``ScalingMap.coverage``. The tracer emits exactly these
+# prefixes (filtersurgery/tracer.py REASONS, docs/tracer.md).
+STRUCTURAL_REASONS = (
+    "SE gate",
+    "attention gate",
+    "classifier conv",
+    "no norm in the model",
+    "no norm downstream",
+    "norm has no affine weight",
+    "frozen norm",
+)
+
+# norm kinds whose per-channel weight applies to the last dim (all others: dim 1)
+CHANNEL_LAST_KINDS = ("ln", "norm")
+
+
+def is_structural(reason: Optional[str]) -> bool:
+    """True when ``reason`` says the conv has no affine per-channel norm downstream."""
+    return bool(reason) and reason.startswith(STRUCTURAL_REASONS)
+
+
+def channel_dim(kind: str, ndim: int) -> int:
+    """Channel dim of a norm's input for norm kind ``kind`` (1, or the last dim for LayerNorm)."""
+    return ndim - 1 if kind in CHANNEL_LAST_KINDS else 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:

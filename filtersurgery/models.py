@@ -1,0 +1,137 @@
+"""Build timm / torchvision models from a ``SPEC`` string, and list the CNNs of each source.
+
+``SPEC`` is ``timm:NAME``, ``torchvision:NAME`` or a bare timm ``NAME``. Models are built
+with random weights (``pretrained=False`` / ``weights=None``).
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+__all__ = ["build_model", "list_cnns", "parse_spec", "SOURCES"]
+
+SOURCES = ("timm", "torchvision")
+
+# timm model modules (timm.models.<module>) whose models are convolutional networks:
+# conv stages with per-channel norms, possibly with SE/attention gates. Pure and hybrid
+# transformers (vision_transformer*, swin*, maxxvit, levit, mobilevit, ...) are left out.
+TIMM_CNN_MODULES = (
+    "byobnet", "convmixer", "convnext", "cspnet", "cspnext", "densenet", "dla", "dpn", "efficientnet",
+    "fasternet", "ghostnet", "hardcorenas", "hgnet", "hrnet", "inception_next", "inception_resnet_v2",
+    "inception_v3", "inception_v4", "lcnetv2", "mambaout", "mobilenetv3", "nasnet", "nfnet", "pnasnet",
+    "rdnet", "regnet", "repghost", "repvit", "res2net", "resnest", "resnet", "resnetv2", "rexnet",
+    "selecsls", "senet", "sknet", "starnet", "tresnet", "vgg", "vovnet", "xception", "xception_aligned",
+)
+# torchvision classification builders that are not CNNs
+_TV_NOT_CNN = ("vit_*", "swin_*", "swin3d_*", "maxvit_*")
+
+_HOW_TO_LIST = "list valid names with `python -c \"import {mod}; print({call})\"`"
+
+
+def parse_spec(spec: str) -> Tuple[str, str]:
+    """``"timm:resnet18"`` -> ``("timm", "resnet18")``; a bare name is a timm name."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("spec: expected 'timm:NAME', 'torchvision:NAME' or a bare timm NAME, got an empty value")
+    src, sep, name = spec.strip().partition(":")
+    if not sep:
+        return "timm", src
+    if src not in SOURCES:
+        raise ValueError(f"spec: source must be one of {', '.join(SOURCES)} (as in 'timm:resnet18'), got '{src}'")
+    if not name:
+        raise ValueError(f"spec: missing model name after '{src}:'")
+    return src, name
+
+
+def _timm_names() -> List[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _tv_names() -> List[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _replace_first_conv(model: nn.Module, in_chans: int) -> str:
+    """Swap the first ``nn.Conv2d`` (module order) for one taking ``in_chans`` channels."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(
+                in_chans, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                groups=1 if m.groups == m.in_channels and in_chans != m.in_channels else m.groups,
+                bias=m.bias is not None, padding_mode=m.padding_mode,
+            ).to(device=m.weight.device, dtype=m.weight.dtype)
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, new)
+            return name
+    raise ValueError("in_chans: the model has no nn.Conv2d to adapt to a different channel count")
+
+
+def build_model(spec: str, num_classes: Optional[int] = None, in_chans: Optional[int] = None, **kw) -> Tuple[nn.Module, str]:
+    """Build ``spec`` with random weights; return ``(model, source)``.
+
+    ``num_classes``/``in_chans`` are passed to timm; for torchvision ``num_classes`` goes to
+    the builder and ``in_chans != 3`` replaces the first ``nn.Conv2d`` by a fresh one with
+    ``in_chans`` input channels (torchvision builders have no such argument).
+    """
+    src, name = parse_spec(spec)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes: expected an integer >= 1, got {num_classes!r}")
+    if in_chans is not None and (not isinstance(in_chans, int) or in_chans < 1):
+        raise ValueError(f"in_chans: expected an integer >= 1, got {in_chans!r}")
+    if src == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(
+                f"spec: unknown timm model '{name}'; "
+                + _HOW_TO_LIST.format(mod="timm", call="timm.list_models('*resnet*')")
+            )
+        args = dict(kw)
+        if num_classes is not None:
+            args["num_classes"] = num_classes
+        if in_chans is not None:
+            args["in_chans"] = in_chans
+        return timm.create_model(name, pretrained=False, **args), "timm"
+    import torchvision
+
+    if name not in _tv_names():
+        raise ValueError(
+            f"spec: unknown torchvision classification model '{name}'; "
+            + _HOW_TO_LIST.format(mod="torchvision", call="torchvision.models.list_models(module=torchvision.models)")
+        )
+    args = dict(kw)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    if name in ("googlenet", "inception_v3"):
+        args.setdefault("init_weights", True)  # silences torchvision's init warning; same random init
+    model = torchvision.models.get_model(name, weights=None, **args)
+    if in_chans is not None and in_chans != 3:
+        if getattr(model, "transform_input", False):
+            model.transform_input = False  # the ImageNet RGB re-normalization needs 3 channels
+        _replace_first_conv(model, in_chans)
+    return model, "torchvision"
+
+
+def list_cnns(source: str = "timm", pattern: Optional[str] = None) -> List[str]:
+    """Names of the CNNs of ``source`` (optionally filtered by a glob ``pattern``), sorted.
+
+    timm: every model whose module is one of ``TIMM_CNN_MODULES`` (decided from timm's
+    registry, nothing is built). torchvision: the classification builders minus ViT/Swin/MaxViT.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got '{source}'")
+    if source == "timm":
+        import timm
+
+        names = timm.list_models(module=list(TIMM_CNN_MODULES))
+    else:
+        names = [n for n in _tv_names() if not any(fnmatch.fnmatch(n, p) for p in _TV_NOT_CNN)]
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return sorted(names)

@@ -1,0 +1,162 @@
+"""Global ranking of scaling factors by |gamma| (SPEC §1 candidates).
+
+Every operation of SPEC §1/§2 works on the same flat list of scaling factors: the
+:class:`~filtersurgery.scaling_map.FactorView` of a ScalingMap. A factor is one
+``(norm, channel)``; a filter that reaches several norms (DenseNet concatenation) has
+one factor per norm, and a norm channel reached by several paths is counted once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Tuple, Union
+
+import torch
+from torch import nn
+
+from .scaling_map import FactorView, ScalingMap, unwrap
+
+ModelOrMap = Union[nn.Module, ScalingMap]
+
+
+def as_scaling_map(model: ModelOrMap, example_inputs=None) -> ScalingMap:
+    """Return ``model`` if it is a ScalingMap, else ``filtersurgery.trace(model)``."""
+    if isinstance(model, ScalingMap):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module or a ScalingMap, got {type(model).__name__}")
+    from .tracer import trace  # imported lazily: tracing is only needed for raw models
+
+    return trace(unwrap(model), example_inputs)
+
+
+def factor_view(model: ModelOrMap) -> FactorView:
+    """The non-empty FactorView of ``model``; one-line ValueError when it has no factors."""
+    sm = as_scaling_map(model)
+    fv = sm.factors
+    if fv.numel == 0:
+        raise ValueError(
+            "model: has no scaling factors (no conv output channel is normalized by an affine "
+            f"BatchNorm/GroupNorm/LayerNorm); unscaled convs: {len(sm.unscaled)}"
+        )
+    return fv
+
+
+def checked_gammas(fv: FactorView) -> torch.Tensor:
+    """``fv.gammas()`` (float32), with a one-line ValueError on NaN/Inf."""
+    g = fv.gammas()
+    if not bool(torch.isfinite(g).all()):
+        bad = int((~torch.isfinite(g)).sum())
+        raise ValueError(f"model: {bad} scaling factor(s) are NaN/Inf; gammas must be finite")
+    return g
+
+
+def fraction_count(frac: float, n: int) -> int:
+    """Number of items in "the smallest ``frac`` fraction" of ``n``: ``floor(frac * n + 1/2)``."""
+    return int(math.floor(frac * n + 0.5))
+
+
+def smallest_mask(values: torch.Tensor, frac: float) -> torch.Tensor:
+    """Boolean mask of the ``fraction_count(frac, n)`` smallest entries of ``values``.
+
+    Ties are broken by index (stable sort), so the selection is deterministic.
+    """
+    n = values.numel()
+    k = fraction_count(frac, n)
+    mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k > 0:
+        order = torch.sort(values, stable=True).indices
+        mask[order[:k]] = True
+    return mask
+
+
+@dataclass
+class FilterRanking:
+    """Scaling factors ordered by ascending |gamma| (global ranking, SPEC §1).
+
+    ``order[j]`` is the global factor index of rank ``j`` (0 = smallest |gamma|),
+    ``abs_gamma[j]`` its |gamma|; ``factors`` is the FactorView the indices refer to and
+    ``scaling_map`` the map, to go from a factor to the conv filters it scales.
+    """
+
+    order: torch.Tensor
+    abs_gamma: torch.Tensor
+    factors: FactorView
+    scaling_map: ScalingMap
+
+    def __len__(self) -> int:
+        return int(self.order.numel())
+
+    def location(self, j: int) -> Tuple[str, int]:
+        """``(norm_name, channel)`` of the factor of rank ``j``."""
+        return self.factors.locate(int(self.order[j]))
+
+    def filters(self, j: int) -> List[Tuple[str, int]]:
+        """``[(conv_name, filter)]`` scaled by the factor of rank ``j``."""
+        norm, ch = self.location(j)
+        out = []
+        for e in self.scaling_map:
+            for r in e.scaled_by:
+                if r.norm == norm and r.offset <= ch < r.offset + e.out_channels:
+                    out.append((e.name, ch - r.offset))
+        return out
+
+    def quantile(self) -> torch.Tensor:
+        """Mid-rank quantile ``(j + 1/2) / n`` of every rank ``j`` (used by eq. 4)."""
+        n = len(self)
+        return (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+
+def rank_filters(model: ModelOrMap) -> FilterRanking:
+    """Rank all scaling factors of ``model`` globally by |gamma| (SPEC §1, multistep III-B).
+
+    Accepts a model (traced) or a ScalingMap. Ties are broken by factor index. The
+    returned tensors are on the CPU.
+    """
+    sm = as_scaling_map(model)
+    fv = factor_view(sm)
+    a = checked_gammas(fv).abs().cpu()
+    srt = torch.sort(a, stable=True)
+    return FilterRanking(order=srt.indices, abs_gamma=srt.values, factors=fv, scaling_map=sm)
+
+
+def useless_mask(model: ModelOrMap, target_r: float = 0.3) -> torch.Tensor:
+    """Per-factor mask of the *useless* factors: the ``target_r`` fraction of smallest |gamma| (SPEC §1)."""
+    check_target_r(target_r)
+    return smallest_mask(checked_gammas(factor_view(model)).abs(), target_r)
+
+
+def remaining_mean(model: ModelOrMap, target_r: float = 0.3) -> float:
+    """Mean |gamma| of the factors that are not useless (Fig. 3 (c) of the multistep paper)."""
+    g = checked_gammas(factor_view(model)).abs()
+    keep = ~smallest_mask(g, target_r)
+    return float(g[keep].mean()) if bool(keep.any()) else 0.0
+
+
+def check_target_r(target_r: float, name: str = "target_r") -> float:
+    """One-line ValueError unless ``0 < target_r < 1``."""
+    try:
+        t = float(target_r)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number in the open interval (0, 1), got {target_r!r}") from None
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"{name}: must be in the open interval (0, 1), got {target_r!r}")
+    return t
+
+
+def gamma_values(obj: Union[ModelOrMap, torch.Tensor]) -> torch.Tensor:
+    """|gamma| of every factor of a model / ScalingMap, or ``obj.abs()`` for a tensor (CPU float32)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().float().abs().flatten().cpu()
+    return checked_gammas(factor_view(obj)).abs().cpu()
+
+
+__all__ = [
+    "FilterRanking",
+    "rank_filters",
+    "useless_mask",
+    "remaining_mean",
+    "as_scaling_map",
+    "smallest_mask",
+    "fraction_count",
+]

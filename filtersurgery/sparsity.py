@@ -1,0 +1,310 @@
+"""Selective sparsity training (SST) and its baseline BST — multistep paper III-B, SPEC §1.
+
+``sp = filtersurgery.sparsify(model, target_r=0.3, epochs=90)`` returns a
+:class:`Sparsifier`. Inside any training loop::
+
+    for epoch in range(90):
+        sp.set_epoch(epoch)        # SP_r of eq. (2)-(3); re-selects the target factors
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward()
+            sp.step()              # grad += lam * sign(gamma), targets only
+            opt.step()
+
+AMP: with a ``GradScaler`` call ``scaler.unscale_(opt)`` first, then ``sp.step()``, then
+``scaler.step(opt)`` (the subgradient must be added to unscaled gradients).
+DDP: call ``sp.step()`` after ``backward()``; gradients are already all-reduced (identical
+on every rank) and ``sign(gamma)`` is identical on every rank, so the added subgradient
+is identical and the replicas stay in sync without any communication.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ranking import ModelOrMap, as_scaling_map, check_target_r, checked_gammas, factor_view, fraction_count, smallest_mask
+from .scaling_map import ScalingMap
+
+
+def sp_ratio(epoch: int, target_r: float, e_cut: float) -> float:
+    """Eq. (2): ``SP_r = (Target_r - 1) / E_cut * e + 1`` for ``e < E_cut``, else ``Target_r``."""
+    if e_cut <= 0 or epoch >= e_cut:
+        return float(target_r)
+    return (target_r - 1.0) / e_cut * epoch + 1.0
+
+
+def e_cut_of(e_max: int, e_cut_fraction: float = 1.0 / 3.0) -> float:
+    """Eq. (3): ``E_cut = E_max / 3`` (``e_cut_fraction`` generalises the 1/3)."""
+    return e_max * e_cut_fraction
+
+
+@dataclass
+class SparsityConfig:
+    """Options of :func:`sparsify` (defaults: SPEC §1)."""
+
+    target_r: float = 0.3
+    epochs: Optional[int] = None  # E_max; None: SP_r = Target_r from the start
+    lam: float = 1e-4  # lambda of the L1 subgradient (network slimming's CIFAR value)
+    selective: bool = True  # False: BST (network slimming), SP_r = 1 throughout
+    e_cut_fraction: float = 1.0 / 3.0
+    zero_tol: Optional[float] = None  # "converged" |gamma|; None: 1e-2 * median |gamma| at start
+
+    def validate(self) -> "SparsityConfig":
+        self.target_r = check_target_r(self.target_r)
+        if self.epochs is not None and (int(self.epochs) != self.epochs or self.epochs < 1):
+            raise ValueError(f"epochs: must be None or an integer >= 1, got {self.epochs!r}")
+        if not (self.lam >= 0.0 and self.lam < float("inf")):
+            raise ValueError(f"lam: must be a finite number >= 0, got {self.lam!r}")
+        if not 0.0 < self.e_cut_fraction <= 1.0:
+            raise ValueError(f"e_cut_fraction: must be in (0, 1], got {self.e_cut_fraction!r}")
+        if self.zero_tol is not None and not self.zero_tol >= 0.0:
+            raise ValueError(f"zero_tol: must be None or >= 0, got {self.zero_tol!r}")
+        return self
+
+
+class Sparsifier:
+    """Adds ``lam * sign(gamma)`` to the gradients of the target scaling factors (SST / BST).
+
+    Attributes:
+        sp_r: the current SP_r (eq. 2; 1 for BST; ``Target_r`` after the early switch).
+        targets: per-*factor* boolean mask (global factor order of ``scaling_map.factors``;
+            ``factors.locate(k)`` gives ``(norm, channel)``): the smallest ``SP_r`` fraction
+            by |gamma|, re-selected by :meth:`set_epoch`. A factor reached by several conv
+            paths is one entry.
+        switched: True once the early switch of SPEC §1 fired (sticky); ``switch_epoch``
+            is the epoch at whose start it fired (None if it has not).
+        zero_tol: |gamma| at or below which a factor counts as converged to 0.
+        history: one dict per :meth:`set_epoch` call (epoch, sp_r, n_targets, n_converged).
+    """
+
+    def __init__(self, scaling_map: ScalingMap, config: SparsityConfig):
+        self.config = config.validate()
+        self.scaling_map = scaling_map
+        self.factors = factor_view(scaling_map)
+        g = checked_gammas(self.factors).abs()
+        self.n = g.numel()
+        self.zero_tol = float(config.zero_tol) if config.zero_tol is not None else 1e-2 * float(g.median())
+        self._params: List[nn.Parameter] = list(self.factors.params)
+        self._chan = [c.to(p.device) for p, c in zip(self._params, self.factors.channels)]
+        self.epoch = 0
+        self.total = config.epochs
+        self.switched = False
+        self.switch_epoch: Optional[int] = None
+        self.sp_r = 1.0
+        self.targets = torch.zeros(self.n, dtype=torch.bool)
+        self.history: List[Dict[str, Any]] = []
+        self._active: List[int] = []
+        self._masks: List[torch.Tensor] = []
+        self.set_epoch(0)
+        self.history.clear()
+
+    # ------------------------------------------------------------- schedule
+    @property
+    def target_r(self) -> float:
+        return self.config.target_r
+
+    def scheduled_sp_r(self, epoch: int, total: Optional[int] = None) -> float:
+        """SP_r at ``epoch`` from eq. (2)-(3) alone (no early switch)."""
+        if not self.config.selective:
+            return 1.0
+        total = total if total is not None else self.total
+        if total is None:
+            return self.target_r
+        return sp_ratio(epoch, self.target_r, e_cut_of(total, self.config.e_cut_fraction))
+
+    @torch.no_grad()
+    def set_epoch(self, epoch: int, total: Optional[int] = None) -> float:
+        """Start epoch ``epoch`` (0-based): update SP_r, apply the early switch, re-select targets.
+
+        ``total`` (E_max) overrides ``epochs`` given at construction. One host-device sync
+        per call (to rank the gammas); :meth:`step` has none. Returns the new SP_r.
+        """
+        if int(epoch) != epoch or epoch < 0:
+            raise ValueError(f"epoch: must be an integer >= 0, got {epoch!r}")
+        if total is not None:
+            if int(total) != total or total < 1:
+                raise ValueError(f"total: must be None or an integer >= 1, got {total!r}")
+            self.total = int(total)
+        self.epoch = int(epoch)
+        g = checked_gammas(self.factors).abs()
+        n_conv = int((g <= self.zero_tol).sum())
+        if self.config.selective and not self.switched and n_conv >= fraction_count(self.target_r, self.n):
+            self.switched, self.switch_epoch = True, self.epoch  # SPEC §1 early switch: Target_r already ~0
+        self.sp_r = self.target_r if self.switched else self.scheduled_sp_r(self.epoch)
+        self._select(smallest_mask(g, self.sp_r))
+        self.history.append(
+            {"epoch": self.epoch, "sp_r": self.sp_r, "n_targets": int(self.targets.sum()), "n_converged": n_conv}
+        )
+        return self.sp_r
+
+    def _select(self, targets: torch.Tensor) -> None:
+        """Cache ``lam * mask`` per norm weight that holds at least one target."""
+        self.targets = targets.cpu()
+        self._active, self._masks = [], []
+        for i, (p, off, c) in enumerate(zip(self._params, self.factors.offsets, self._chan)):
+            t = self.targets[off : off + c.numel()]
+            if not bool(t.any()):
+                continue
+            m = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            m[c[t.to(c.device)]] = self.config.lam
+            self._active.append(i)
+            self._masks.append(m)
+        self._active_params = [self._params[i] for i in self._active]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Add the L1 subgradient ``lam * sign(gamma)`` to the targets' gradients (eq. 1, targets only).
+
+        Call after ``backward()`` and before ``optimizer.step()``. Multi-tensor (foreach)
+        kernels, no Python loop over modules, no host-device synchronisation.
+        """
+        if not self._active_params:
+            return
+        grads = [p.grad for p in self._active_params]
+        if any(gr is None for gr in grads):
+            name = self.factors.norms[self._active[[gr is None for gr in grads].index(True)]]
+            raise ValueError(f"step: scaling factor {name}.weight has no gradient; call step() after loss.backward()")
+        signs = torch._foreach_sign(self._active_params)
+        torch._foreach_addcmul_(grads, signs, self._masks)
+
+    # --------------------------------------------------------------- results
+    def useless(self) -> torch.Tensor:
+        """Per-factor mask of the ``Target_r`` fraction with the smallest |gamma| now (SPEC §1)."""
+        return smallest_mask(checked_gammas(self.factors).abs(), self.target_r)
+
+    def converged(self) -> torch.Tensor:
+        """Per-factor mask of |gamma| <= ``zero_tol``."""
+        return checked_gammas(self.factors).abs() <= self.zero_tol
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume the schedule (not the gammas: those live in the model)."""
+        return {
+            "config": asdict(self.config),
+            "zero_tol": self.zero_tol,
+            "epoch": self.epoch,
+            "total": self.total,
+            "switched": self.switched,
+            "switch_epoch": self.switch_epoch,
+            "sp_r": self.sp_r,
+            "targets": self.targets.clone(),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the target set is restored as saved (not re-ranked)."""
+        tg = state["targets"]
+        if tg.numel() != self.n:
+            raise ValueError(f"state: targets has {tg.numel()} factors, this model has {self.n}")
+        self.config = SparsityConfig(**state["config"]).validate()
+        self.zero_tol = float(state["zero_tol"])
+        self.epoch = int(state["epoch"])
+        self.total = state["total"]
+        self.switched = bool(state["switched"])
+        self.switch_epoch = state.get("switch_epoch")
+        self.sp_r = float(state["sp_r"])
+        self.history = list(state.get("history", []))
+        self._select(tg.to(torch.bool))
+
+    def __repr__(self) -> str:
+        kind = "SST" if self.config.selective else "BST"
+        return (
+            f"Sparsifier({kind}, target_r={self.target_r}, sp_r={self.sp_r:.3f}, epoch={self.epoch}, "
+            f"targets={int(self.targets.sum())}/{self.n}, lam={self.config.lam}, switched={self.switched})"
+        )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def train_sparse(
+    model: nn.Module,
+    sp: Sparsifier,
+    loader,
+    epochs: int,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    loss_fn: Optional[Callable] = None,
+    device=None,
+) -> Sparsifier:
+    """The SST/BST training loop (paper IV-B): SGD lr 0.1, momentum 0.9, wd 1e-4, cosine over ``epochs``.
+
+    The weight decay is the paper's Tiny-ImageNet value (the setting of its Fig. 3).
+    A given ``optimizer`` is used as is, with cosine annealing from its current lr.
+    The model's train/eval mode is restored at the end.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    loss_fn = loss_fn or F.cross_entropy
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    was_training = model.training
+    model.train()
+    try:
+        for epoch in range(epochs):
+            sp.set_epoch(epoch, epochs)
+            total, count = torch.zeros((), device=device), 0
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sp.step()
+                opt.step()
+                total += loss.detach() * len(y)
+                count += len(y)
+            sched.step()
+            sp.history[-1]["loss"] = float(total) / max(count, 1)
+    finally:
+        model.train(was_training)
+    return sp
+
+
+def sparsify(
+    model: ModelOrMap,
+    target_r: float = 0.3,
+    epochs: Optional[int] = None,
+    lam: float = 1e-4,
+    selective: bool = True,
+    e_cut_fraction: float = 1.0 / 3.0,
+    zero_tol: Optional[float] = None,
+    loader=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    loss_fn: Optional[Callable] = None,
+    device=None,
+) -> Sparsifier:
+    """Selective sparsity training (multistep paper III-B, eq. 1-3; SPEC §1).
+
+    Args:
+        model: a model (traced with :func:`filtersurgery.trace`) or a ScalingMap.
+        target_r: Target_r in (0, 1): the final fraction of factors driven to 0.
+        epochs: E_max for the SP_r schedule; None: SP_r = Target_r from the start
+            (or pass ``total`` to :meth:`Sparsifier.set_epoch`). Required with ``loader``.
+        lam: lambda of the L1 subgradient (default 1e-4).
+        selective: False gives BST (network slimming: SP_r = 1 throughout).
+        e_cut_fraction: E_cut / E_max (eq. 3: 1/3).
+        zero_tol: |gamma| counted as converged for the early switch; default
+            1e-2 * median |gamma| at the start.
+        loader, optimizer, loss_fn, device: with a ``loader`` the SST training loop runs
+            here (:func:`train_sparse`) and the trained Sparsifier is returned.
+
+    Returns:
+        a :class:`Sparsifier` (already at epoch 0).
+    """
+    sm = as_scaling_map(model)
+    cfg = SparsityConfig(target_r, epochs, lam, selective, e_cut_fraction, zero_tol)
+    sp = Sparsifier(sm, cfg)
+    if loader is not None:
+        if epochs is None:
+            raise ValueError("epochs: required (an integer >= 1) when a loader is given")
+        net = model if isinstance(model, nn.Module) else sm.module
+        train_sparse(net, sp, loader, int(epochs), optimizer, loss_fn, device)
+    return sp
+
+
+__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse"]

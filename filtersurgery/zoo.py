@@ -1,0 +1,336 @@
+"""``filtersurgery inspect`` and ``filtersurgery zoo``: trace models, print maps, verify them.
+
+``verify(sm)`` checks a ScalingMap numerically: in eval mode, a batch whose sample ``b``
+perturbs one mapped filter (noise added to output channel ``c`` of the conv, which is
+what changing ``weight[c]`` does) is compared with the unperturbed sample 0 at the input
+of every norm the filter is mapped to. Within the window of norm channels the conv lands
+on, ``[offset, offset + out_channels)``, exactly channel ``offset + c`` must change.
+(Outside the window other convs' outputs may change through channel-mixing paths, e.g.
+later DenseNet layers; that says nothing about this conv's mapping.)
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .models import SOURCES, build_model, list_cnns, parse_spec
+from .scaling_map import ScalingMap, channel_dim, is_structural
+from .tracer import reduced_input_size, default_input_size, trace
+
+__all__ = ["verify", "VerifyResult", "inspect_model", "add_parsers"]
+
+COVERAGE_TARGET = 0.98
+
+
+# ----------------------------------------------------------------------- verify
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify`."""
+
+    filters: int = 0  # (conv, filter) probes checked against at least one norm
+    checks: int = 0  # (probe, norm) pairs checked
+    mismappings: List[str] = field(default_factory=list)
+    unverified: List[str] = field(default_factory=list)  # mapped convs whose norms never ran in eval
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismappings
+
+
+def _probe_filters(n: int, k: int) -> List[int]:
+    """``k`` filters spread over ``[0, n)``: first, last, then evenly in between."""
+    if k >= n:
+        return list(range(n))
+    picks = {0, n - 1} if k >= 2 else {0}
+    for j in range(1, k - 1):
+        picks.add(round(j * (n - 1) / (k - 1)))
+    return sorted(picks)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def verify(
+    sm: ScalingMap,
+    input_size: Optional[Sequence[int]] = None,
+    filters_per_conv: int = 3,
+    batch: int = 32,
+    seed: int = 0,
+) -> VerifyResult:
+    """Check numerically that each probed filter changes exactly its mapped norm channel.
+
+    ``input_size`` ``(C, H, W)`` defaults to a reduced version of the traced size. Runs in
+    eval mode (modes restored afterwards); parameters are not modified.
+    """
+    if filters_per_conv < 1:
+        raise ValueError(f"filters_per_conv: expected >= 1, got {filters_per_conv}")
+    model = sm.module
+    mods = dict(model.named_modules())
+    size = tuple(input_size) if input_size else reduced_input_size(tuple(sm.input_size or default_input_size(model)))
+    p0 = next((t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
+    dtype = p0.dtype if p0 is not None else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(1, *size, generator=gen).to(device=device, dtype=dtype)
+    probes = [(e.name, c) for e in sm.mapped.values() for c in _probe_filters(e.out_channels, filters_per_conv)]
+    res = VerifyResult()
+    never_ran: Dict[str, int] = Counter()
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, len(probes), batch):
+            chunk = probes[start : start + batch]
+            by_conv: Dict[str, List[Tuple[int, int]]] = defaultdict(list)
+            for b, (name, c) in enumerate(chunk, start=1):
+                by_conv[name].append((b, c))
+            norms = {r.norm for name, _ in chunk for r in sm[name].scaled_by}
+            diffs: Dict[str, torch.Tensor] = {}
+            handles = []
+
+            def conv_hook(m, inp, out, pairs):
+                out = out.clone()
+                for b, c in pairs:
+                    ch = out[b, c]
+                    noise = torch.randn(ch.shape, generator=gen).to(ch)
+                    out[b, c] = ch + noise * (ch.abs().mean() + 1.0)
+                return out
+
+            def norm_pre(m, inp, name):
+                x = inp[0].detach().float()
+                cd = channel_dim(sm.norm_kinds.get(name, "bn"), x.dim())
+                d = (x - x[:1]).abs().movedim(cd, 1).flatten(2).amax(2)  # (B, C)
+                diffs[name] = torch.maximum(diffs[name], d) if name in diffs else d
+
+            try:
+                for name, pairs in by_conv.items():
+                    handles.append(mods[name].register_forward_hook(lambda m, i, o, p=pairs: conv_hook(m, i, o, p)))
+                for name in norms:
+                    handles.append(mods[name].register_forward_pre_hook(lambda m, i, n=name: norm_pre(m, i, n)))
+                model(x0.expand(len(chunk) + 1, *size).contiguous())
+            finally:
+                for h in handles:
+                    h.remove()
+            for b, (name, c) in enumerate(chunk, start=1):
+                e = sm[name]
+                checked = False
+                for r in e.scaled_by:
+                    if r.norm not in diffs:
+                        never_ran[name] += 1
+                        continue
+                    d = diffs[r.norm][b]
+                    window = d[r.offset : r.offset + e.out_channels]
+                    target = float(window[c]) if c < window.numel() else 0.0
+                    others = [r.offset + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != c]
+                    res.checks += 1
+                    checked = True
+                    if target <= 0.0 or others:
+                        what = "did not change" if target <= 0.0 else f"channels {others[:6]} changed too"
+                        res.mismappings.append(f"{name}[{c}] -> {r.norm}[{r.offset + c}]: {what}")
+                res.filters += int(checked)
+    res.unverified = sorted(never_ran)
+    return res
+
+
+# ---------------------------------------------------------------------- inspect
+def _input_tensor(model: nn.Module, input_size: Optional[Sequence[int]]):
+    if input_size is None:
+        return None
+    if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
+        raise ValueError(f"--input-size: expected three positive integers C H W, got {list(input_size)}")
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    kw = dict(device=p.device, dtype=p.dtype) if p is not None else {}
+    return torch.randn(1, *[int(s) for s in input_size], **kw)
+
+
+def inspect_model(spec: str, input_size: Optional[Sequence[int]] = None, meta: bool = False) -> Tuple[ScalingMap, str, str]:
+    """Build ``spec`` (random weights) and trace it: ``(sm, source, name)``.
+
+    With ``meta`` the model is built on the meta device when possible (no weight init; the
+    map only depends on the structure), which makes ``zoo`` fast on huge models.
+    """
+    source, name = parse_spec(spec)
+    model = None
+    if meta and input_size is None:
+        try:
+            with torch.device("meta"):
+                model, source = build_model(spec)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
+            model = None
+    if model is None:
+        model, source = build_model(spec)
+    sm = trace(model, _input_tensor(model, input_size))
+    return sm, source, name
+
+
+def _inspect_json(sm: ScalingMap, source: str, name: str) -> dict:
+    return {
+        "model": name,
+        "source": source,
+        "trace_seconds": round(float(sm.trace_seconds or 0.0), 4),
+        "coverage": round(float(sm.coverage), 6),
+        "convs": sm.to_json(),
+    }
+
+
+def _table(sm: ScalingMap) -> str:
+    rows = [("conv", "out", "groups", "scaled by (norm@offset) / reason")]
+    for e in sm:
+        what = ", ".join(f"{r.norm}@{r.offset}" for r in e.scaled_by) if e.mapped else f"- {e.reason}"
+        rows.append((e.name, str(e.out_channels), str(e.groups), what))
+    w0 = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:>5}  {c:>6}  {d}" for a, b, c, d in rows)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    sm, source, name = inspect_model(args.spec, args.input_size)
+    if args.json:
+        print(json.dumps(_inspect_json(sm, source, name)))
+        return 0
+    print(_table(sm))
+    print(
+        f"\n{source}:{name}: {len(sm)} convs, {len(sm.mapped)} mapped, {len(sm.unscaled)} unscaled, "
+        f"{sm.factors.numel} scaling factors, coverage {sm.coverage:.1%}, traced in {sm.trace_seconds:.2f}s "
+        f"(input {tuple(sm.input_size) if sm.input_size else '?'})"
+    )
+    return 0
+
+
+# -------------------------------------------------------------------------- zoo
+def _zoo_names(source: str, patterns: Sequence[str]) -> List[str]:
+    names = list_cnns(source)
+    globs = [g.strip() for p in patterns for g in p.split(",") if g.strip()]
+    if globs:
+        names = [n for n in names if any(fnmatch.fnmatch(n, g) for g in globs)]
+    return names
+
+
+def _zoo_one(source: str, name: str, input_size, do_verify: bool, filters_per_conv: int) -> dict:
+    row = {"model": name, "source": source, "trace_seconds": None, "coverage": None, "convs": 0, "mapped": 0,
+           "unscaled": 0, "tracer_misses": 0, "reasons": {}, "error": None, "verify": None}
+    try:
+        sm, _, _ = inspect_model(f"{source}:{name}", input_size, meta=not do_verify)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError, KeyError, AssertionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        row["error"] = f"{type(e).__name__}: {msg}"[:300]
+        return row
+    reasons = Counter(r.split(":")[0] for r in sm.unscaled.values())
+    row.update(
+        trace_seconds=round(float(sm.trace_seconds), 4), coverage=round(float(sm.coverage), 6), convs=len(sm),
+        mapped=len(sm.mapped), unscaled=len(sm.unscaled), reasons=dict(reasons),
+        tracer_misses=sum(1 for r in sm.unscaled.values() if not is_structural(r)),
+    )
+    if do_verify:
+        try:
+            v = verify(sm, input_size, filters_per_conv=filters_per_conv)
+            row["verify"] = {"filters": v.filters, "checks": v.checks, "mismappings": v.mismappings, "unverified": v.unverified}
+        except (RuntimeError, ValueError) as e:
+            row["error"] = f"verify: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    return row
+
+
+def _zoo_line(row: dict) -> str:
+    head = f"{row['source']}:{row['model']}"
+    if row["error"] and row["coverage"] is None:
+        return f"{head:<44} ERROR {row['error']}"
+    line = (
+        f"{head:<44} convs {row['convs']:4d}  mapped {row['mapped']:4d}  unscaled {row['unscaled']:3d}  "
+        f"coverage {100 * row['coverage']:6.2f}%  trace {row['trace_seconds']:.2f}s"
+    )
+    v = row["verify"]
+    if v is not None:
+        line += f"  verify {v['filters']} filters: {len(v['mismappings'])} mis-mappings"
+        if v["unverified"]:
+            line += f" ({len(v['unverified'])} convs not run in eval)"
+    if row["error"]:
+        line += f"  ERROR {row['error']}"
+    return line
+
+
+def _totals(rows: List[dict], do_verify: bool) -> dict:
+    ok = [r for r in rows if r["coverage"] is not None]
+    cov = [r["coverage"] for r in ok]
+    t = {
+        "models": len(rows),
+        "traced": len(ok),
+        "errors": sum(1 for r in rows if r["error"]),
+        "convs": sum(r["convs"] for r in ok),
+        "mapped": sum(r["mapped"] for r in ok),
+        "tracer_misses": sum(r["tracer_misses"] for r in ok),
+        "mean_coverage": round(sum(cov) / len(cov), 6) if cov else None,
+        "min_coverage": round(min(cov), 6) if cov else None,
+        "below_target": sorted(r["model"] for r in ok if r["coverage"] < COVERAGE_TARGET),
+        "max_trace_seconds": round(max((r["trace_seconds"] for r in ok), default=0.0), 4),
+    }
+    if do_verify:
+        t["verified_filters"] = sum(r["verify"]["filters"] for r in ok if r["verify"])
+        t["mismappings"] = sum(len(r["verify"]["mismappings"]) for r in ok if r["verify"])
+    return t
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    names = _zoo_names(args.source, args.filter or [])
+    if not names:
+        raise ValueError(f"--filter: no {args.source} CNN matches {args.filter}")
+    rows = []
+    for name in names:
+        row = _zoo_one(args.source, name, args.input_size, args.verify, args.filters_per_conv)
+        rows.append(row)
+        if not args.json:
+            print(_zoo_line(row), flush=True)
+            if row["verify"]:
+                for m in row["verify"]["mismappings"][:20]:
+                    print(f"    mis-mapping: {m}")
+    totals = _totals(rows, args.verify)
+    if args.json:
+        print(json.dumps({"source": args.source, "filter": args.filter, "verify": bool(args.verify), "models": rows, "totals": totals}))
+    else:
+        line = (
+            f"\ntotal: {totals['models']} models, {totals['traced']} traced, {totals['errors']} errors, "
+            f"{totals['convs']} convs, {totals['mapped']} mapped, {totals['tracer_misses']} tracer misses"
+        )
+        if totals["mean_coverage"] is not None:
+            line += f", coverage mean {100 * totals['mean_coverage']:.2f}% min {100 * totals['min_coverage']:.2f}%"
+        if args.verify:
+            line += f", {totals['verified_filters']} filters verified, {totals['mismappings']} mis-mappings"
+        print(line)
+        if totals["below_target"]:
+            print(f"below {COVERAGE_TARGET:.0%} coverage: {', '.join(totals['below_target'])}")
+    failed = totals["errors"] or (args.verify and totals["mismappings"])
+    return 1 if failed else 0
+
+
+# -------------------------------------------------------------------------- CLI
+def add_parsers(sub) -> None:
+    p = sub.add_parser("inspect", help="trace one model: every conv -> the norm weight(s) scaling its filters")
+    p.add_argument("spec", help="timm:NAME, torchvision:NAME or a bare timm NAME (random weights)")
+    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), default=None,
+                   help="example input size (default: the model's own, e.g. timm pretrained_cfg input_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (schema in docs/tracer.md)")
+    p.set_defaults(func=cmd_inspect)
+
+    z = sub.add_parser("zoo", help="trace every CNN of a model source; per-model line plus totals")
+    z.add_argument("--source", choices=SOURCES, default="timm")
+    z.add_argument("--filter", action="append", metavar="GLOB",
+                   help="only model names matching GLOB (repeatable; comma-separated globs allowed)")
+    z.add_argument("--verify", action="store_true",
+                   help="perturb mapped filters and check that exactly the mapped norm channels change")
+    z.add_argument("--filters-per-conv", type=int, default=3, help="filters probed per conv by --verify (default 3)")
+    z.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), default=None)
+    z.add_argument("--json", action="store_true", help="print one JSON object with per-model rows and totals")
+    z.set_defaults(func=cmd_zoo)
