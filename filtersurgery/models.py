@@ -1,6 +1,7 @@
 """Build timm / torchvision models from a ``SPEC`` string, and list the CNNs of each source.
 
-``SPEC`` is ``timm:NAME``, ``torchvision:NAME`` or a bare timm ``NAME``. Models are built
+``SPEC`` is ``timm:NAME``, ``torchvision:NAME``, ``cifar:resnetDEPTH`` (the CIFAR-style
+ResNet of :mod:`filtersurgery.cifar_resnet`) or a bare timm ``NAME``. Models are built
 with random weights (``pretrained=False`` / ``weights=None``).
 """
 from __future__ import annotations
@@ -10,9 +11,12 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["build_model", "list_cnns", "parse_spec", "SOURCES"]
+from .cifar_resnet import cifar_resnet
 
-SOURCES = ("timm", "torchvision")
+__all__ = ["build_model", "list_cnns", "parse_spec", "cifar_resnet", "SOURCES"]
+
+SOURCES = ("timm", "torchvision")  # model zoos that `filtersurgery zoo` lists
+_ALL_SOURCES = SOURCES + ("cifar",)
 
 # timm model modules (timm.models.<module>) whose models are convolutional networks:
 # conv stages with per-channel norms, possibly with SE/attention gates. Pure and hybrid
@@ -37,8 +41,8 @@ def parse_spec(spec: str) -> Tuple[str, str]:
     src, sep, name = spec.strip().partition(":")
     if not sep:
         return "timm", src
-    if src not in SOURCES:
-        raise ValueError(f"spec: source must be one of {', '.join(SOURCES)} (as in 'timm:resnet18'), got '{src}'")
+    if src not in _ALL_SOURCES:
+        raise ValueError(f"spec: source must be one of {', '.join(_ALL_SOURCES)} (as in 'timm:resnet18'), got '{src}'")
     if not name:
         raise ValueError(f"spec: missing model name after '{src}:'")
     return src, name
@@ -84,6 +88,11 @@ def build_model(spec: str, num_classes: Optional[int] = None, in_chans: Optional
         raise ValueError(f"num_classes: expected an integer >= 1, got {num_classes!r}")
     if in_chans is not None and (not isinstance(in_chans, int) or in_chans < 1):
         raise ValueError(f"in_chans: expected an integer >= 1, got {in_chans!r}")
+    if src == "cifar":
+        depth = name[len("resnet"):] if name.startswith("resnet") else ""
+        if not depth.isdigit():
+            raise ValueError(f"spec: cifar models are 'cifar:resnetDEPTH' with DEPTH = 6n+2 (e.g. cifar:resnet32), got '{spec}'")
+        return cifar_resnet(int(depth), num_classes=num_classes or 10, in_chans=in_chans or 3), "cifar"
     if src == "timm":
         import timm
 

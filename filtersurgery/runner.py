@@ -14,7 +14,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .train import METHODS, TrainConfig
+import importlib
+import importlib.util
+
+from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 
 # settings that must match for a re-run to resume into an existing --out
 _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
@@ -29,7 +32,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
     p.add_argument("--split", choices=["single", "multi"], default=d.split, help="1:1 (single) or `steps` equal parts (multi)")
     p.add_argument("--steps", type=int, default=None, help="number of steps/data parts (default 4 multi, 2 single)")
-    p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default %(default)s)")
+    p.add_argument("--method", default=d.method,
+                   help=f"one of {', '.join(METHODS + tuple(SINGLE_RUN_METHODS))} (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per phase (default %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
@@ -47,6 +51,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--students", type=int, choices=[1, 2], default=d.students, help="ablation: AOD students (default 2)")
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    for mod in _method_modules():
+        mod.add_arguments(p.add_argument_group(f"{mod.__name__.rsplit('.', 1)[-1]} options"))
+
+
+def _method_modules():
+    """The modules implementing single-run methods (``train.SINGLE_RUN_METHODS``), imported."""
+    names = list(dict.fromkeys(SINGLE_RUN_METHODS.values()))
+    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -115,7 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_out_dir(out, cfg, s)
     data = load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
     for s in args.seeds:
-        m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
+        if cfg.method in SINGLE_RUN_METHODS:
+            m = importlib.import_module(SINGLE_RUN_METHODS[cfg.method]).run_method(cfg, args, out / f"seed{s}", s, data)
+        else:
+            m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
         for e in m["steps"]:
             print(f"seed {s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  ({e['seconds']:.0f}s)")
     summary = summarize(out, args.seeds, cfg.method)

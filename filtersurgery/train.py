@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 import time
@@ -43,6 +44,18 @@ from .reinit import rescale
 from .sparsity import sparsify
 
 METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint")
+# single-run methods (one entry in metrics.json) and the module that implements each; such a
+# module exposes ``add_arguments(parser)`` (its own CLI flags) and
+# ``run_method(cfg, args, out_dir, seed, data) -> metrics`` (writes metrics.json via write_metrics)
+SINGLE_RUN_METHODS = {
+    "plain": "filtersurgery.method_reactivation",
+    "reactivation": "filtersurgery.method_reactivation",
+    "weight-evolution": "filtersurgery.method_reactivation",
+    "filter-grafting": "filtersurgery.method_reactivation",
+    "sharing": "filtersurgery.method_sharing",
+    "class-finetune": "filtersurgery.method_sharing",
+    "growth": "filtersurgery.method_growth",
+}
 STATE_FILE = "state.pt"
 
 
@@ -91,11 +104,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """One-line ValueError naming the bad field and its allowed range."""
-        if self.method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in METHODS and self.method not in SINGLE_RUN_METHODS:
+            allowed = ", ".join(METHODS + tuple(SINGLE_RUN_METHODS))
+            raise ValueError(f"method: must be one of {allowed}, got {self.method!r}")
         if self.split not in ("single", "multi"):
             raise ValueError(f"split: must be 'single' or 'multi', got {self.split!r}")
-        if self.steps < 2:
+        if self.method in SINGLE_RUN_METHODS:
+            pass  # one data set, no steps
+        elif self.steps < 2:
             raise ValueError(f"steps: must be >= 2 (step 1 trains Data1, later steps add data), got {self.steps}")
         if self.split == "single" and self.steps != 2:
             raise ValueError(f"steps: --split single means exactly 2 steps (1:1), got {self.steps}")
@@ -194,6 +210,11 @@ class Phase:
     lr: float
     epochs: int
     selective: bool = True
+    # called after every epoch's batches, before the resumable state is saved:
+    # ``epoch_end(models, epoch, lr) -> dict | None`` (the dict's items go to the log row).
+    # Single-run methods use it for per-epoch surgery (kernel reactivation, weight
+    # evolution, filter grafting).
+    epoch_end: Optional[Callable[[List[nn.Module], int, float], Optional[Dict]]] = None
 
 
 def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
@@ -224,6 +245,7 @@ def phase_flops(phase: Phase, fwd: int, n_images: int, students: int) -> int:
     """Training FLOPs of a phase: 3x forward per trained model-image, 1x per frozen-teacher image."""
     per_img = {
         "scratch": 3 * fwd,
+        "scratch2": 2 * 3 * fwd,
         "finetune": 3 * fwd,
         "sst": 3 * fwd,
         "sst_msl": 3 * fwd + fwd,  # + teacher forward
@@ -248,8 +270,8 @@ class Run:
         self.work = self.out / ".work"
 
     # -- models
-    def new_model(self) -> nn.Module:
-        torch.manual_seed(self.seed)
+    def new_model(self, seed_offset: int = 0) -> nn.Module:
+        torch.manual_seed(self.seed + 1_000_003 * seed_offset)
         model, _ = build_model(self.cfg.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans)
         model = model.to(self.device)
         if self.cfg.channels_last:
@@ -271,8 +293,12 @@ class Run:
     def log_epoch(self, row: Dict) -> None:
         path = self.out / "epochs.csv"
         new = not path.exists()
+        fields = list(row)
+        if not new:  # keep the existing header (a file from an older version stays well-formed)
+            with open(path, newline="") as f:
+                fields = next(csv.reader(f), fields)
         with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 w.writeheader()
             w.writerow(row)
@@ -311,6 +337,8 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     frozen: List[nn.Parameter] = []
     if phase.kind == "scratch":
         students = [run.new_model()]
+    elif phase.kind == "scratch2":  # two independently initialized networks (filter grafting)
+        students = [run.new_model(), run.new_model(seed_offset=1)]
     elif phase.kind in ("finetune", "sst", "sst_msl"):
         students = [model]
     elif phase.kind == "aod":
@@ -399,6 +427,8 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
             )
         row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                "train_loss": float(total) / max(1, nb), "seconds": round(time.time() - t0, 3)}
+        if phase.epoch_end is not None:
+            row.update(phase.epoch_end(students, epoch, opt.param_groups[0]["lr"]) or {})
         vals = [run.acc(s, phase.parts) for s in students]
         for i, v in enumerate(vals):
             row[f"val_acc{i}"] = round(v, 3)
@@ -417,7 +447,8 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
              "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
              "rng": checkpoint.rng_state(), "gen": gen.get_state()},
         )
-        run.log_epoch({k: row.get(k, "") for k in _CSV_FIELDS})  # after the state: a kill never duplicates a row
+        extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
+        run.log_epoch({**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""})  # after the state: a kill never duplicates a row
 
     # ---- phase output
     for p in frozen:
@@ -463,6 +494,8 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
     with torch.autocast(**ac):
         if phase.kind in ("scratch", "finetune", "sst"):
             return F.cross_entropy(students[0](x).float(), yb)
+        if phase.kind == "scratch2":
+            return sum(F.cross_entropy(s(x).float(), yb) for s in students)
         if phase.kind == "dml":
             a, b = students[0](x), students[1](x)
             return losses.dml_loss(a, b, yb) + losses.dml_loss(b, a, yb)
@@ -492,6 +525,24 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
 def preprocess_info(data: ImageData) -> Dict:
     return {"mean": list(map(float, data.mean)), "std": list(map(float, data.std)), "size": int(data.size),
             "in_chans": int(data.in_chans), "num_classes": int(data.num_classes)}
+
+
+def write_metrics(out_dir, data: ImageData, config: Dict, steps: List[Dict], **extra) -> Dict:
+    """Write ``out_dir/metrics.json`` atomically in the trainer's schema and return it.
+
+    ``{"preprocess": {...}, "steps": [{"step", "test_acc", "val_acc", "seconds", ...}], "config": {...}}``;
+    single-run methods (``reactivation``, ``sharing``, ``growth``, ...) write one entry with
+    ``step: 1``. ``extra`` items are added at the top level (e.g. per-class-set accuracy).
+    """
+    for e in steps:
+        missing = {"step", "test_acc", "val_acc", "seconds"} - set(e)
+        if missing:
+            raise ValueError(f"steps: each entry needs step, test_acc, val_acc, seconds; missing {sorted(missing)}")
+    metrics = {"preprocess": preprocess_info(data), "steps": list(steps), "config": dict(config), **extra}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(metrics, out / "metrics.json")
+    return metrics
 
 
 def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None,
