@@ -29,6 +29,10 @@ from .reactivation import KernelReactivation, ReactivationReport, reactivate_ker
 from .reinit import RescaleReport, rescale
 from .sparsity import Sparsifier, SparsityConfig, sparsify
 
+# --- partial network sharing (sharing.py, SPEC §6) ---
+from .sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
+                      max_prob_combine, plan_share, share, share_plan, training_cost)
+
 # --- distillation (blockfeats.py, losses.py) ---
 from . import losses
 from .blockfeats import blocks, capture_blocks

@@ -1,4 +1,4 @@
-"""``filtersurgery`` command line: ``inspect``, ``zoo``, ``run``, ``demo`` (see docs/cli.md).
+"""``filtersurgery`` command line: ``inspect``, ``zoo``, ``run``, ``demo``, ``sweep-sharing`` (docs/).
 
 Each sub-command lives in the module that implements it; that module exposes
 ``add_parsers(subparsers)`` which registers its commands with ``set_defaults(func=...)``.
@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 # modules that register sub-commands, in the order they appear in --help
-COMMAND_MODULES = ["filtersurgery.zoo", "filtersurgery.runner"]
+COMMAND_MODULES = ["filtersurgery.zoo", "filtersurgery.runner", "filtersurgery.method_sharing"]
 
 
 class UsageError(ValueError):
