@@ -29,6 +29,11 @@ from .reactivation import KernelReactivation, ReactivationReport, reactivate_ker
 from .reinit import RescaleReport, rescale
 from .sparsity import Sparsifier, SparsityConfig, sparsify
 
+# --- kernel reactivation as a training method and its baselines (SPEC §5, §9) ---
+from .filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy
+from .method_reactivation import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
+from .weight_evolution import EvolutionReport, evolve_weights
+
 # --- partial network sharing (sharing.py, SPEC §6) ---
 from .sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
                       max_prob_combine, plan_share, share, share_plan, training_cost)
