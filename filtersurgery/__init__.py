@@ -1,18 +1,35 @@
-"""filtersurgery: model surgery for arbitrary CNNs.
+"""filtersurgery: model surgery for arbitrary CNNs (timm, torchvision, your own).
 
-Public API
-----------
+Trace which normalization weight (gamma) scales every conv filter, then operate on that
+map: selective sparsity training, diverse re-initialization, kernel reactivation,
+partial network sharing. ``filtersurgery.train`` composes them into the multi-step
+framework. Docs: docs/getting_started.md, docs/concepts.md, docs/api.md (every name below).
+
 Tracing
-    trace(model, example_inputs=None) -> ScalingMap      every conv -> its BN/GN/LN scaling factor
-Operations (SPEC §1, §2, §5)
-    sparsify(model, target_r=0.3, ...) -> Sparsifier      selective sparsity training (SST) / BST
-    rank_filters(model)                                   filters ordered by |gamma|
-    rescale(model, target_r=0.3, I=0.1)                   diverse re-initialization (Dri), eq. 4
-    reactivate_kernels(model, ...)                        kernel reactivation
+    trace(model, example_inputs=None) -> ScalingMap        conv filter -> BN/GN/LN gamma(s)
+    ScalingMap, ConvEntry, NormRef, FactorView, unwrap, default_input_size
+    verify(sm) -> VerifyResult                             numerical check of a map
+    build_model(spec, num_classes, in_chans), list_cnns(source)
+Sparsity, ranking, re-initialization (SPEC §1, §2)
+    sparsify(model, target_r=0.3, epochs=E) -> Sparsifier  SST / BST: set_epoch, step, useless
+    SparsityConfig, rank_filters -> FilterRanking, useless_mask, remaining_mean
+    rescale(model, target_r=0.3, I=0.1) -> RescaleReport   Dri, eq. 4
+Kernel reactivation and its baselines (SPEC §5, §9)
+    reactivate_kernels(model) -> ReactivationReport, KernelReactivation, ReactivationCallback
+    evolve_weights -> EvolutionReport, WeightEvolutionCallback
+    graft -> GraftReport, graft_coefficient, layer_entropy, GraftingCallback
+Incremental growth (SPEC §7)
+    partition(model) -> Partition, grow(part, k) -> GrownNet, LinearHead, frozen_stages,
+    should_grow, stop_epoch, window_angle, window_angles, train_flops_per_image
+Partial network sharing (SPEC §6)
+    share(model, share=0.8, num_classes) -> branch; BranchedNet(base, classes).add_branch(...)
+    plan_share, share_plan, SharePlan, is_pinned, branch_state_dict, load_branch,
+    max_prob_combine, training_cost -> TrainingCost
 Distillation (SPEC §3, §4)
-    blocks(model), capture_blocks(model), attention_map(x), losses.*
-Training
-    train.single_step(...), train.multi_step(...)         the multi-step framework and baselines
+    blocks(model), capture_blocks(model), attention_map(x), losses (AT, KL, JS, AOD, MSL, DML, LwM)
+Data and training (SPEC §8)
+    load_dataset(name) -> ImageData, split_parts
+    TrainConfig, train.multi_step(cfg, out_dir, seed), train.single_step(...)
 """
 from .scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, unwrap
 
@@ -34,6 +51,10 @@ from .filter_grafting import GraftReport, graft, graft_coefficient, layer_entrop
 from .method_reactivation import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
 from .weight_evolution import EvolutionReport, evolve_weights
 
+# --- incremental growth with look-ahead (growth.py, SPEC §7) ---
+from .growth import (GrownNet, LinearHead, Partition, frozen_stages, grow, partition, should_grow, stop_epoch,
+                     train_flops_per_image, window_angle, window_angles)
+
 # --- partial network sharing (sharing.py, SPEC §6) ---
 from .sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
                       max_prob_combine, plan_share, share, share_plan, training_cost)
@@ -49,3 +70,27 @@ from .data import ImageData, load_dataset, split_parts
 # --- trainer (train.py) ---
 from . import train
 from .train import TrainConfig
+
+__all__ = [
+    "__version__",
+    # tracing
+    "trace", "ScalingMap", "ConvEntry", "NormRef", "FactorView", "unwrap", "default_input_size",
+    "verify", "VerifyResult", "build_model", "list_cnns",
+    # sparsity, ranking, re-initialization
+    "sparsify", "Sparsifier", "SparsityConfig", "rank_filters", "FilterRanking", "useless_mask",
+    "remaining_mean", "rescale", "RescaleReport",
+    # kernel reactivation and baselines
+    "reactivate_kernels", "ReactivationReport", "KernelReactivation", "ReactivationCallback",
+    "evolve_weights", "EvolutionReport", "WeightEvolutionCallback",
+    "graft", "GraftReport", "graft_coefficient", "layer_entropy", "GraftingCallback",
+    # incremental growth
+    "partition", "Partition", "grow", "GrownNet", "LinearHead", "frozen_stages", "should_grow", "stop_epoch",
+    "window_angle", "window_angles", "train_flops_per_image",
+    # partial network sharing
+    "share", "plan_share", "share_plan", "SharePlan", "BranchedNet", "is_pinned", "branch_state_dict",
+    "load_branch", "max_prob_combine", "training_cost", "TrainingCost",
+    # distillation
+    "blocks", "capture_blocks", "attention_map", "losses",
+    # data and training
+    "load_dataset", "ImageData", "split_parts", "TrainConfig", "train",
+]

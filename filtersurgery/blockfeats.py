@@ -151,10 +151,19 @@ def _run_probe(model: nn.Module, example_inputs) -> _Probe:
             handles.append(m.register_forward_hook(post(name, track)))
         model.eval()  # no running-stat updates, no aux heads; modes restored below
         with torch.no_grad():
-            if isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            try:
+                if isinstance(example_inputs, (tuple, list)):
+                    model(*example_inputs)
+                else:
+                    model(example_inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                shapes = [tuple(t.shape) for t in (example_inputs if isinstance(example_inputs, (tuple, list))
+                                                   else [example_inputs]) if torch.is_tensor(t)]
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(
+                    f"example_inputs: the probe forward pass of {type(model).__name__} failed on inputs of shape "
+                    f"{shapes} ({msg}); pass example_inputs= of the model's input shape"
+                ) from None
     finally:
         for h in handles:
             h.remove()

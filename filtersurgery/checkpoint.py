@@ -19,6 +19,7 @@ Formats (docs/data.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -49,12 +50,25 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _os_error(e: OSError, what: str) -> OSError:
+    """One-line error for a failed write: PermissionError for denied / read-only, else ValueError."""
+    why = (e.strerror or type(e).__name__).lower()
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        why = "a file is in the way (not a directory)"
+    if isinstance(e, PermissionError) or e.errno in _DENIED:
+        return PermissionError(f"{what}: {'permission denied' if e.errno in (errno.EACCES, None) else why}")
+    return ValueError(f"{what}: {why}")
+
+
 def _prepare_dir(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-    except PermissionError:
-        raise PermissionError(f"cannot create output directory {directory}: permission denied") from None
+    except OSError as e:  # denied, read-only file system, a file in the way (ENOTDIR/EEXIST)
+        raise _os_error(e, f"cannot create output directory {directory}") from None
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path}: it is a directory")
     return directory
@@ -75,8 +89,8 @@ def atomic_path(path: str) -> Iterator[str]:
     tmp = os.path.join(directory, f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
     try:
         open(tmp, "xb").close()
-    except PermissionError:
-        raise PermissionError(f"cannot write to directory {directory}: permission denied") from None
+    except OSError as e:  # denied, read-only file system, no space left
+        raise _os_error(e, f"cannot write to directory {directory}") from None
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -272,11 +286,13 @@ def load_training_state(path: str, device: str = "cpu") -> Dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training state not found: {path}")
+    from safetensors import SafetensorError  # torch.load reads safetensors files too (and raises this)
+
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            AttributeError, KeyError, IndexError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            AttributeError, KeyError, IndexError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"corrupt or unreadable training state {path}: {msg}") from None
     if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
         raise ValueError(f"{path} is not a filtersurgery training state")

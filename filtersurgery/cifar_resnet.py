@@ -30,6 +30,7 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         sc = x if self.downsample is None else self.downsample(x)
@@ -61,12 +62,15 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def get_classifier(self) -> nn.Module:
+        """The classifier (``fc``), as timm's ``get_classifier``."""
         return self.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map after ``layer3`` (before pooling), as timm's ``forward_features``."""
         return self.layer3(self.layer2(self.layer1(self.stem(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]``: features, global average pooling, ``fc``."""
         return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
 
 

@@ -20,6 +20,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``filtersurgery`` parser with every sub-command of ``COMMAND_MODULES`` registered."""
     parser = argparse.ArgumentParser(
         prog="filtersurgery",
         description="Model surgery for CNNs: trace scaling factors, sparsify, re-initialize, distil.",
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``filtersurgery`` command; returns the exit code (2: one-line error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

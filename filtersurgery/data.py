@@ -67,6 +67,7 @@ class LazyImages:
 
     @property
     def shape(self) -> torch.Size:
+        """``[N, C, size, size]``, like a uint8 image tensor's shape."""
         return torch.Size((len(self.paths), self.channels, self.size, self.size))
 
     dtype = torch.uint8
@@ -118,6 +119,25 @@ class ImageData:
     classes: Optional[List[str]] = None
     source: str = ""  # where the files were read from
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """One-line ValueError for inconsistent fields: label range, counts, sizes."""
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes: must be an integer >= 1, got {self.num_classes!r}")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if not torch.is_tensor(y) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+                shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+                raise ValueError(f"{split}_y: must be a 1-D integer label tensor, got {shape}")
+            if len(y) != len(x):
+                raise ValueError(f"{split}_y: {len(y)} labels for {len(x)} images in {split}_x")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(
+                    f"{split}_y: labels must be in [0, {self.num_classes}) (num_classes={self.num_classes}), "
+                    f"got min {int(y.min())}, max {int(y.max())}"
+                )
+        if len(self.train_y) == 0:
+            raise ValueError("train_x: the training set is empty")
 
     @property
     def in_memory(self) -> bool:
@@ -426,9 +446,12 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
     Missing files raise a one-line ``FileNotFoundError`` saying how to get them.
     """
     if not isinstance(name, str):
-        raise ValueError(f"dataset name must be a string, got {type(name).__name__}")
+        raise ValueError(f"name: dataset name must be a string, got {type(name).__name__}")
     key = name.strip()
     low = key.lower()
+    if root is not None and not download and low in _ROOTED and not os.path.isdir(os.path.expanduser(root)):
+        raise FileNotFoundError(f"root: data folder {root} does not exist (--data-root); "
+                                "pass an existing folder, or --download to fetch the data into it")
     if low in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return load_fashion_mnist(root, download, subset_test, allow_demo)
     if low in ("cifar100", "cifar-100"):
@@ -438,9 +461,13 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
     if low.startswith("imagefolder:"):
         path = key.split(":", 1)[1]
         if not path:
-            raise ValueError("dataset 'imagefolder:PATH' needs a PATH")
+            raise ValueError("name: dataset 'imagefolder:PATH' needs a PATH")
         return load_imagefolder(path, size=image_size or 224, subset_test=subset_test)
-    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    raise ValueError(f"name: unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+
+
+# dataset names whose files are looked for under ``root``
+_ROOTED = ("fashion-mnist", "fashion_mnist", "fashionmnist", "cifar100", "cifar-100")
 
 
 # --------------------------------------------------------------------------- splits (SPEC §8)

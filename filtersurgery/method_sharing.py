@@ -511,6 +511,7 @@ def _floats(spec: str) -> List[float]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """``filtersurgery sweep-sharing``: train every share, write the curve, pick the share on validation."""
     cfg = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, download=args.download,
                       method="sharing", split="multi", steps=1, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, subset=args.subset, device=args.device, amp=args.amp,

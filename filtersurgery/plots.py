@@ -6,6 +6,8 @@ the ``target_r`` fraction of useless (smallest) ones.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Dict, Mapping, Sequence, Union
 
 import torch
@@ -74,6 +76,7 @@ def gamma_histogram(
         ax.set_xlabel("|gamma|")
         ax.set_ylabel("count")
         ax.legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), dpi=120)
     return stats
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,9 +25,15 @@ def as_scaling_map(model: ModelOrMap, example_inputs=None) -> ScalingMap:
         return model
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module or a ScalingMap, got {type(model).__name__}")
+    net = unwrap(model)
+    if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        raise ValueError(
+            f"model: {type(net).__name__} has no nn.Conv2d layer; scaling factors are the norm weights "
+            "that scale conv filters, so there is nothing to rank, sparsify or rescale"
+        )
     from .tracer import trace  # imported lazily: tracing is only needed for raw models
 
-    return trace(unwrap(model), example_inputs)
+    return trace(net, example_inputs)
 
 
 def factor_view(model: ModelOrMap) -> FactorView:
@@ -42,13 +48,82 @@ def factor_view(model: ModelOrMap) -> FactorView:
     return fv
 
 
-def checked_gammas(fv: FactorView) -> torch.Tensor:
-    """``fv.gammas()`` (float32), with a one-line ValueError on NaN/Inf."""
+_DIVERGED = "the model has diverged: reload the last good checkpoint"
+
+
+def _nonfinite_message(arg: str, count: int, what: str, first: str) -> str:
+    verb = "is" if count == 1 else "are"
+    noun = what if count == 1 else what + "s"
+    return f"{arg}: {count} {noun} {verb} NaN/Inf (first: {first}); {_DIVERGED}"
+
+
+def checked_gammas(fv: FactorView, arg: str = "model") -> torch.Tensor:
+    """``fv.gammas()`` (float32); a one-line ValueError naming the first NaN/Inf factor.
+
+    One host-device sync (the ``isfinite`` test). The message reads
+    ``model: 3 scaling factors are NaN/Inf (first: layer1.0.bn1.weight[5]); ...``.
+    """
     g = fv.gammas()
-    if not bool(torch.isfinite(g).all()):
-        bad = int((~torch.isfinite(g)).sum())
-        raise ValueError(f"model: {bad} scaling factor(s) are NaN/Inf; gammas must be finite")
+    ok = torch.isfinite(g)
+    if not bool(ok.all()):
+        bad = ~ok
+        norm, ch = fv.locate(int(torch.nonzero(bad)[0]))
+        raise ValueError(_nonfinite_message(arg, int(bad.sum()), "scaling factor", f"{norm}.weight[{ch}]"))
     return g
+
+
+def _is_norm(m: nn.Module) -> bool:
+    from .tracer import norm_kind  # lazily: the tracer imports torch-pruning
+
+    return norm_kind(m) is not None
+
+
+def check_finite(model: ModelOrMap, arg: str = "model") -> None:
+    """One-line ValueError when a scaling factor or a conv weight of ``model`` is NaN/Inf.
+
+    Checks the affine weight of every normalization layer (the scaling factors, SPEC §0)
+    and the weight of every ``nn.Conv2d``, without tracing. Operations call it before they
+    change anything, so a diverged model raises (``model: 2 scaling factors are NaN/Inf
+    (first: layer1.0.bn1.weight[5]); ...``) instead of spreading NaN/Inf into the copies,
+    re-drawn gammas or rescaled kernels. Cost: one ``isfinite`` pass and one host-device
+    sync per device.
+    """
+    net = model.module if isinstance(model, ScalingMap) else model
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"{arg}: expected an nn.Module or a ScalingMap, got {type(model).__name__}")
+    net = unwrap(net)
+    groups = {"scaling factor": [], "conv weight": []}
+    for name, m in net.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(m, nn.Conv2d):
+            groups["conv weight"].append((f"{name}.weight", w.detach()))
+        elif _is_norm(m):
+            groups["scaling factor"].append((f"{name}.weight", w.detach()))
+    for what, named in groups.items():
+        first = _first_nonfinite(named)
+        if first is not None:
+            count = sum(int((~torch.isfinite(t)).sum()) for _, t in named)
+            raise ValueError(_nonfinite_message(arg, count, what, first))
+
+
+def _first_nonfinite(named: List[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """``"name[i, j]"`` of the first NaN/Inf entry of ``named`` tensors, None when all are finite.
+
+    One host-device sync per device when everything is finite.
+    """
+    by_dev: Dict[torch.device, List[torch.Tensor]] = {}
+    for _, t in named:
+        by_dev.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_dev.values()):
+        return None
+    for name, t in named:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            idx = torch.nonzero(bad)[0].tolist()
+            return f"{name}[{', '.join(map(str, idx))}]"
+    return None  # pragma: no cover - a flag said otherwise
 
 
 def fraction_count(frac: float, n: int) -> int:
@@ -159,4 +234,5 @@ __all__ = [
     "as_scaling_map",
     "smallest_mask",
     "fraction_count",
+    "check_finite",
 ]

@@ -25,6 +25,7 @@ _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "b
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``filtersurgery run`` (docs/trainer.md), including those of single-run method modules."""
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="timm:NAME, torchvision:NAME or a bare timm NAME (default %(default)s)")
     p.add_argument("--data", default=d.data, help="fashion-mnist | cifar100 | imagefolder:PATH | demo (default %(default)s)")
@@ -62,6 +63,7 @@ def _method_modules():
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``run`` arguments."""
     steps = args.steps if args.steps is not None else (2 if args.split == "single" else 4)
     return TrainConfig(
         model=args.model, data=args.data, data_root=args.data_root, download=args.download, split=args.split,
@@ -114,13 +116,30 @@ def summarize(out: Path, seeds: List[int], method: str) -> Dict:
     return summary
 
 
+def _init_distributed(cfg: TrainConfig) -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on CUDA, else gloo)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """``filtersurgery run``: every seed of one method, then ``summary.json`` and ``accuracy.png``."""
     from .data import load_dataset
     from .models import build_model
-    from .train import multi_step
+    from .train import barrier, is_main_process, multi_step
 
     cfg = config_from_args(args)
     cfg.validate()
+    _init_distributed(cfg)
     build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
     out = Path(args.out or f"runs/{cfg.method}")
     for s in args.seeds:
@@ -131,8 +150,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             m = importlib.import_module(SINGLE_RUN_METHODS[cfg.method]).run_method(cfg, args, out / f"seed{s}", s, data)
         else:
             m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
-        for e in m["steps"]:
+        for e in m["steps"] if is_main_process() else []:
             print(f"seed {s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  ({e['seconds']:.0f}s)")
+    barrier()
+    if not is_main_process():
+        return 0
     summary = summarize(out, args.seeds, cfg.method)
     for r in summary["steps"]:
         print(f"step {r['step']}: {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} (n={r['n']})")
@@ -164,6 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
+    """Register ``run`` and ``demo`` with the CLI."""
     p = sub.add_parser("run", help="train with the multi-step framework or a baseline")
     add_run_arguments(p)
     p.set_defaults(func=cmd_run)

@@ -38,6 +38,7 @@ class ConvEntry:
 
     @property
     def mapped(self) -> bool:
+        """True when at least one norm weight scales this conv's filters."""
         return bool(self.scaled_by)
 
 
@@ -58,6 +59,7 @@ class FactorView:
 
     @property
     def numel(self) -> int:
+        """Number of scaling factors (``(norm, channel)`` pairs that scale at least one filter)."""
         return sum(int(c.numel()) for c in self.channels)
 
     def gammas(self) -> torch.Tensor:
@@ -119,6 +121,7 @@ class ScalingMap:
 
     @property
     def mapped(self) -> Dict[str, ConvEntry]:
+        """``{conv name: ConvEntry}`` of the convs with at least one scaling factor."""
         return {n: e for n, e in self.convs.items() if e.mapped}
 
     @property

@@ -403,6 +403,7 @@ class BranchedNet(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Largest class id over all branches + 1 (the width of :meth:`forward`'s output)."""
         return max(c for s in self.class_sets for c in s) + 1
 
     def add_branch(self, branch: nn.Module, classes: Sequence[int]) -> "BranchedNet":
@@ -451,6 +452,7 @@ class BranchedNet(nn.Module):
         return outs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-class log-probabilities ``[N, num_classes]`` (:func:`max_prob_combine` of the branches)."""
         return max_prob_combine(self.branch_outputs(x), self.class_sets, self.num_classes)
 
     @torch.no_grad()
@@ -515,6 +517,7 @@ class TrainingCost:
 
     @property
     def train_macs(self) -> int:
+        """MACs of one training iteration: forward + backward."""
         return self.forward_macs + self.backward_macs
 
 

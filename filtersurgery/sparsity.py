@@ -19,6 +19,7 @@ is identical and the replicas stay in sync without any communication.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -54,6 +55,7 @@ class SparsityConfig:
     zero_tol: Optional[float] = None  # "converged" |gamma|; None: 1e-2 * median |gamma| at start
 
     def validate(self) -> "SparsityConfig":
+        """One-line ValueError naming the bad option and its allowed range; returns ``self``."""
         self.target_r = check_target_r(self.target_r)
         if self.epochs is not None and (int(self.epochs) != self.epochs or self.epochs < 1):
             raise ValueError(f"epochs: must be None or an integer >= 1, got {self.epochs!r}")
@@ -105,6 +107,7 @@ class Sparsifier:
     # ------------------------------------------------------------- schedule
     @property
     def target_r(self) -> float:
+        """Target_r: the fraction of factors that SST drives to 0 (``config.target_r``)."""
         return self.config.target_r
 
     def scheduled_sp_r(self, epoch: int, total: Optional[int] = None) -> float:
@@ -125,12 +128,12 @@ class Sparsifier:
         """
         if int(epoch) != epoch or epoch < 0:
             raise ValueError(f"epoch: must be an integer >= 0, got {epoch!r}")
+        if total is not None and (int(total) != total or total < 1):
+            raise ValueError(f"total: must be None or an integer >= 1, got {total!r}")
+        g = checked_gammas(self.factors).abs()  # NaN/Inf gammas: raise before any state changes
         if total is not None:
-            if int(total) != total or total < 1:
-                raise ValueError(f"total: must be None or an integer >= 1, got {total!r}")
             self.total = int(total)
         self.epoch = int(epoch)
-        g = checked_gammas(self.factors).abs()
         n_conv = int((g <= self.zero_tol).sum())
         if self.config.selective and not self.switched and n_conv >= fraction_count(self.target_r, self.n):
             self.switched, self.switch_epoch = True, self.epoch  # SPEC §1 early switch: Target_r already ~0
@@ -161,10 +164,16 @@ class Sparsifier:
         """Add the L1 subgradient ``lam * sign(gamma)`` to the targets' gradients (eq. 1, targets only).
 
         Call after ``backward()`` and before ``optimizer.step()``. Multi-tensor (foreach)
-        kernels, no Python loop over modules, no host-device synchronisation.
+        kernels, no Python loop over modules, no host-device synchronisation: NaN/Inf gammas
+        are therefore not looked for here but at the next :meth:`set_epoch` (which ranks
+        them and raises a one-line ValueError). If the model was moved or cast after
+        :func:`sparsify` (``model.cuda()``, ``model.half()``), the cached masks follow it.
         """
         if not self._active_params:
             return
+        if any(m.device != p.device or m.dtype != p.dtype for m, p in zip(self._masks, self._active_params)):
+            self._chan = [c.to(p.device) for p, c in zip(self._params, self.factors.channels)]
+            self._select(self.targets)
         grads = [p.grad for p in self._active_params]
         if any(gr is None for gr in grads):
             name = self.factors.norms[self._active[[gr is None for gr in grads].index(True)]]
@@ -237,7 +246,8 @@ def train_sparse(
 
     The weight decay is the paper's Tiny-ImageNet value (the setting of its Fig. 3).
     A given ``optimizer`` is used as is, with cosine annealing from its current lr.
-    The model's train/eval mode is restored at the end.
+    The model's train/eval mode is restored at the end. An epoch without batches or with a
+    non-finite mean loss raises a one-line ValueError (``loader: ...`` / ``loss: ...``).
     """
     device = torch.device(device) if device is not None else _model_device(model)
     loss_fn = loss_fn or F.cross_entropy
@@ -258,8 +268,16 @@ def train_sparse(
                 opt.step()
                 total += loss.detach() * len(y)
                 count += len(y)
+            if count == 0:
+                raise ValueError(f"loader: yielded no batches in epoch {epoch}; it must give (x, y) batches every epoch")
             sched.step()
-            sp.history[-1]["loss"] = float(total) / max(count, 1)
+            loss_mean = float(total) / count
+            if not math.isfinite(loss_mean):  # checked once per epoch: no host sync per batch
+                raise ValueError(
+                    f"loss: non-finite mean training loss in epoch {epoch} (lr too high or bad data); "
+                    "the weights were updated with it: reload the last good checkpoint"
+                )
+            sp.history[-1]["loss"] = loss_mean
     finally:
         model.train(was_training)
     return sp

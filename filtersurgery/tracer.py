@@ -49,6 +49,9 @@ REASONS = {
 }
 
 _NAME_RE = re.compile(r"Backward\d*$")
+# class names of norm layers we cannot map (EvoNorm2dB0, FilterResponseNormAct2d, ...), not
+# blocks that merely contain the word (NormFreeBlock)
+_NORM_CLASS_RE = re.compile(r"Norm(Act)?(\d+d)?([A-Z]\d*)?$")
 
 
 # ----------------------------------------------------------------------------- norms
@@ -76,7 +79,7 @@ def norm_kind(m: nn.Module) -> Optional[str]:
         return "ln2d" if "2d" in cls.lower() else "ln"
     if cls.startswith(("RmsNorm", "SimpleNorm")):
         return "norm2d" if "2d" in cls.lower() else "norm"
-    if "Norm" in cls and any(isinstance(p, nn.Parameter) for p in m.parameters(recurse=False)):
+    if _NORM_CLASS_RE.search(cls) and any(isinstance(p, nn.Parameter) for p in m.parameters(recurse=False)):
         return "other"  # e.g. EvoNorm: per-channel weight, but not a plain normalize-then-scale
     return None
 

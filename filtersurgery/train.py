@@ -139,20 +139,47 @@ class TrainConfig:
 
     @property
     def new_lr(self) -> float:
+        """The learning rate on new data (``lr``, default 1e-3)."""
         return 1e-3 if self.lr is None else self.lr
 
 
 # --------------------------------------------------------------------------- utils
+def dist_info() -> Tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without distributed training): the only rank that writes files."""
+    return dist_info()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; under torchrun ``cuda`` means ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} requested but CUDA is not available (use --device cpu)")
+    if dev.type == "cuda" and dev.index is None and dist_info()[1] > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``cfg.amp`` on ``device`` (``auto``: bf16 on CUDA, none on CPU)."""
     mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
 
@@ -271,6 +298,7 @@ class Run:
 
     # -- models
     def new_model(self, seed_offset: int = 0) -> nn.Module:
+        """A freshly initialized ``cfg.model`` on the run's device (seeded by the run's seed)."""
         torch.manual_seed(self.seed + 1_000_003 * seed_offset)
         model, _ = build_model(self.cfg.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans)
         model = model.to(self.device)
@@ -279,6 +307,7 @@ class Run:
         return model
 
     def part_xy(self, parts: Sequence[int], which: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of the ``train`` or ``val`` split of the data parts ``parts``."""
         idx = torch.cat([self.parts[p][0 if which == "train" else 1] for p in parts])
         return self.data.train_x[idx], self.data.train_y[idx]
 
@@ -291,6 +320,9 @@ class Run:
         return evaluate(model, x, y, self.data, self.device, amp=self.amp)
 
     def log_epoch(self, row: Dict) -> None:
+        """Append ``row`` to ``out/epochs.csv`` (rank 0 only; the header of an existing file is kept)."""
+        if not is_main_process():
+            return
         path = self.out / "epochs.csv"
         new = not path.exists()
         fields = list(row)
@@ -327,7 +359,9 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         return model
 
     x_tr, y_tr = run.part_xy(phase.parts, "train")
-    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=run.seed * 1000 + step, drop_last=len(y_tr) > cfg.batch_size)
+    world = dist_info()[1]  # under torchrun each rank takes its share of every epoch (BatchLoader)
+    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=run.seed * 1000 + step,
+                         drop_last=len(y_tr) > cfg.batch_size * world)
     gen = _seed_everything(run.seed * 7919 + step * 31 + len(phase.name), dev)
 
     # ---- set up the trained model(s) and what the loss needs
@@ -398,6 +432,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
 
     for s in students:
         s.train()
+    nets = _ddp_wrap(students, dev)  # what the batch loss calls (the students themselves without torchrun)
     desc = f"seed{run.seed} step{step} {phase.name}"
     for epoch in range(start_epoch, phase.epochs):
         t0 = time.time()
@@ -409,7 +444,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         for bi, (xb, yb) in enumerate(it):
             if bi >= steps_per_epoch:
                 break
-            loss = _batch_loss(run, phase, students, teacher, xb, yb, gen, block_names, last_block)
+            loss = _batch_loss(run, phase, nets, teacher, xb, yb, gen, block_names, last_block)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)  # the L1 subgradient is added to unscaled gradients
@@ -425,6 +460,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
                 f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "
                 f"the last good state (end of the previous epoch) is kept in {state_path}"
             )
+        _sync_buffers(students)  # torchrun: BN running statistics averaged over ranks
         row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                "train_loss": float(total) / max(1, nb), "seconds": round(time.time() - t0, 3)}
         if phase.epoch_end is not None:
@@ -441,12 +477,13 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         sd = {f"s{i}.{k}": v for i, s in enumerate(students) for k, v in s.state_dict().items()}
         if teacher is not None:
             sd.update({f"t.{k}": v for k, v in teacher.state_dict().items()})
-        checkpoint.save_training_state(
-            state_path, sd, opt.state_dict(),
-            {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": sched.state_dict(),
-             "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
-             "rng": checkpoint.rng_state(), "gen": gen.get_state()},
-        )
+        if is_main_process():
+            checkpoint.save_training_state(
+                state_path, sd, opt.state_dict(),
+                {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": sched.state_dict(),
+                 "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
+                 "rng": checkpoint.rng_state(), "gen": gen.get_state()},
+            )
         extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
         run.log_epoch({**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""})  # after the state: a kill never duplicates a row
 
@@ -458,8 +495,41 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     else:  # SPEC §3: the better student on the current data's validation split
         vals = [run.acc(s, phase.parts) for s in students]
         out = students[max(range(len(students)), key=lambda i: vals[i])]
-    checkpoint.save_state_dict(out.state_dict(), done_path)
+    if is_main_process():
+        checkpoint.save_state_dict(out.state_dict(), done_path)
+    barrier()
     return out
+
+
+@torch.no_grad()
+def _sync_buffers(models: List[nn.Module]) -> None:
+    """Average floating-point buffers (BN running mean/var) over ranks; integer buffers
+    (``num_batches_tracked``) come from rank 0. Afterwards every rank holds the same model.
+    No-op without a process group."""
+    import torch.distributed as dist
+
+    world = dist_info()[1]
+    if world == 1:
+        return
+    for m in models:
+        for b in m.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b, op=dist.ReduceOp.SUM)
+                b.div_(world)
+            else:
+                dist.broadcast(b, src=0)
+
+
+def _ddp_wrap(students: List[nn.Module], device: torch.device) -> List[nn.Module]:
+    """Wrap each trained model in DistributedDataParallel under torchrun (gradients are
+    averaged over ranks during backward, so the SST subgradient added afterwards is the
+    same on every rank); without a process group the models are returned as they are."""
+    if dist_info()[1] == 1:
+        return list(students)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return [DDP(s, device_ids=ids) for s in students]
 
 
 _CSV_FIELDS = ["step", "phase", "epoch", "lr", "train_loss", "val_acc0", "val_acc1", "sp_r", "teacher_updated", "seconds"]
@@ -523,6 +593,7 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
 
 # --------------------------------------------------------------------------- steps
 def preprocess_info(data: ImageData) -> Dict:
+    """What a re-evaluation needs: normalization mean/std, image size, channels, classes."""
     return {"mean": list(map(float, data.mean)), "std": list(map(float, data.std)), "size": int(data.size),
             "in_chans": int(data.in_chans), "num_classes": int(data.num_classes)}
 
@@ -539,9 +610,10 @@ def write_metrics(out_dir, data: ImageData, config: Dict, steps: List[Dict], **e
         if missing:
             raise ValueError(f"steps: each entry needs step, test_acc, val_acc, seconds; missing {sorted(missing)}")
     metrics = {"preprocess": preprocess_info(data), "steps": list(steps), "config": dict(config), **extra}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(metrics, out / "metrics.json")
+    if is_main_process():
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_json(metrics, out / "metrics.json")
     return metrics
 
 
@@ -590,12 +662,14 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
         entry = {"step": step, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, cur), 4),
                  "seconds": round(time.time() - t0, 2), "train_flops": flops,
                  "phases": [p.name for p in phases_run]}
-        checkpoint.save_state_dict(model.state_dict(), ckpt)
         metrics["steps"] = [s for s in metrics["steps"] if s["step"] != step] + [entry]
-        checkpoint.atomic_write_json(metrics, metrics_path)
-        for f in run.work.glob(f"step{step}_*.safetensors"):
-            f.unlink()
-        (run.work / STATE_FILE).unlink(missing_ok=True)
+        if is_main_process():  # under torchrun only rank 0 writes (every rank holds the same model)
+            checkpoint.save_state_dict(model.state_dict(), ckpt)
+            checkpoint.atomic_write_json(metrics, metrics_path)
+            for f in run.work.glob(f"step{step}_*.safetensors"):
+                f.unlink()
+            (run.work / STATE_FILE).unlink(missing_ok=True)
+        barrier()
     return metrics
 
 

@@ -44,6 +44,7 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
+        """True when no probed filter was mis-mapped."""
         return not self.mismappings
 
 
@@ -206,6 +207,7 @@ def _table(sm: ScalingMap) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``filtersurgery inspect SPEC``: print the scaling map of one model (table or ``--json``)."""
     sm, source, name = inspect_model(args.spec, args.input_size)
     if args.json:
         print(json.dumps(_inspect_json(sm, source, name)))
@@ -292,6 +294,7 @@ def _totals(rows: List[dict], do_verify: bool) -> dict:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
+    """``filtersurgery zoo``: trace (and ``--verify``) every CNN of a source; exit 1 on errors or mis-mappings."""
     names = _zoo_names(args.source, args.filter or [])
     if not names:
         raise ValueError(f"--filter: no {args.source} CNN matches {args.filter}")
@@ -325,6 +328,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------- CLI
 def add_parsers(sub) -> None:
+    """Register the ``inspect`` and ``zoo`` sub-commands (see :mod:`filtersurgery.cli`)."""
     p = sub.add_parser("inspect", help="trace one model: every conv -> the norm weight(s) scaling its filters")
     p.add_argument("spec", help="timm:NAME, torchvision:NAME or a bare timm NAME (random weights)")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), default=None,
