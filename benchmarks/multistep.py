@@ -161,12 +161,12 @@ def main(argv=None) -> int:
     print(f"\n## {args.split}-step, {args.model}, {args.data}, {args.epochs} epochs/phase, seeds {args.seeds} ({label})\n")
     print("Test accuracy (%), mean ± std over seeds:\n")
     print(markdown_table(results))
-    print("\nCost per step: wall-clock seconds / training PFLOPs (step 1 is shared and trained once per seed):\n")
+    print("\nCost per step: wall-clock seconds / training TFLOPs (step 1 is shared and trained once per seed):\n")
     steps_all = sorted({k for c in cost.values() for k in c})
     print("| method | " + " | ".join(f"step {s}" for s in steps_all) + " |")
     print("|" + "---|" * (len(steps_all) + 1))
     for name, c in cost.items():
-        cells = [f"{c[s][0]:.0f}s / {c[s][1] / 1e15:.3f}" if s in c else "" for s in steps_all]
+        cells = [f"{c[s][0]:.0f}s / {c[s][1] / 1e12:.2f}" if s in c else "" for s in steps_all]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if results:
         png = accuracy_per_step(results, out / "accuracy.png")

@@ -495,12 +495,9 @@ def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -
         ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .report import save_figure
+
+    return save_figure(fig, path)
 
 
 def _floats(spec: str) -> List[float]:

@@ -26,6 +26,13 @@ def accuracy_per_step(results: Mapping[str, List[Dict]], path) -> Path:
     ax.set_xticks(sorted({r["step"] for rows in results.values() for r in rows}))
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out ``fig``, write it as PNG to ``path`` (parent folders created), close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
