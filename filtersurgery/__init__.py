@@ -41,7 +41,7 @@ from .tracer import default_input_size, trace
 from .zoo import VerifyResult, verify
 
 # --- operations (sparsity.py, ranking.py, reinit.py, reactivation.py) ---
-from .ranking import FilterRanking, rank_filters, remaining_mean, useless_mask
+from .ranking import FilterRanking, check_finite, rank_filters, remaining_mean, useless_mask
 from .reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
 from .reinit import RescaleReport, rescale
 from .sparsity import Sparsifier, SparsityConfig, sparsify
@@ -78,7 +78,7 @@ __all__ = [
     "verify", "VerifyResult", "build_model", "list_cnns",
     # sparsity, ranking, re-initialization
     "sparsify", "Sparsifier", "SparsityConfig", "rank_filters", "FilterRanking", "useless_mask",
-    "remaining_mean", "rescale", "RescaleReport",
+    "remaining_mean", "rescale", "RescaleReport", "check_finite",
     # kernel reactivation and baselines
     "reactivate_kernels", "ReactivationReport", "KernelReactivation", "ReactivationCallback",
     "evolve_weights", "EvolutionReport", "WeightEvolutionCallback",

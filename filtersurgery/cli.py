@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
         # bad input and known failures: one line, no traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"filtersurgery {args.command}: error: {msg}", file=sys.stderr)

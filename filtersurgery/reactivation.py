@@ -163,6 +163,9 @@ def reactivate_kernels(
         model = model.module
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    from .ranking import check_finite
+
+    check_finite(model)  # NaN/Inf weights: one-line error instead of spreading them
     gamma_t = gamma * min(lr_ratio, 1.0)
     convs = candidate_convs(model)
     report = ReactivationReport(alpha, beta, gamma_t)
@@ -179,7 +182,7 @@ def reactivate_kernels(
         zero = selected & (w.detach().abs().flatten(2).sum(2) == 0)
         lay.kernels, lay.skipped_zero = int((selected & ~zero).sum()), int(zero.sum())
         if lay.kernels:
-            w.mul_(mult.to(w.dtype)[:, :, None, None])
+            w.copy_((w.float() * mult[:, :, None, None]).to(w.dtype))  # fp32 product: no fp16 overflow
     return report
 
 

@@ -80,7 +80,10 @@ def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
     if not mpath.exists():
         return
     try:
-        old = json.loads(mpath.read_text()).get("config", {})
+        old = json.loads(mpath.read_text())
+        if not isinstance(old, dict):
+            raise ValueError(f"out: {mpath} is not a metrics.json object; move it away or use another --out")
+        old = old.get("config", {})
     except json.JSONDecodeError as e:
         raise ValueError(f"out: {mpath} is corrupt ({e}); move it away or use another --out") from None
     new = asdict(cfg)

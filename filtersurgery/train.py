@@ -132,6 +132,15 @@ class TrainConfig:
             raise ValueError(f"students: must be 1 or 2, got {self.students}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam: must be a finite number >= 0, got {self.lam}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches: must be None or >= 1, got {self.max_batches}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
         for name in ("lr", "scratch_lr", "sst_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -170,7 +179,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; under torchrun ``cuda`` means ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} requested but CUDA is not available (use --device cpu)")
     if dev.type == "cuda" and dev.index is None and dist_info()[1] > 1:
