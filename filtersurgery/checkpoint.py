@@ -156,6 +156,22 @@ def read_json(path: str) -> Any:
 # --------------------------------------------------------------------------- weights
 
 
+def refuse_other_settings(where: Any, old: Mapping[str, Any], new: Mapping[str, Any],
+                          keys: Optional[List[str]] = None, what: str = "") -> None:
+    """One-line ValueError when a run folder holds a run with other settings.
+
+    Compares ``old`` (read from the folder) with ``new`` on ``keys`` (default: every key of
+    either); the message names the first differing key, so nothing is resumed into, or
+    overwritten in, a folder that belongs to another run.
+    """
+    names = keys if keys is not None else sorted(set(old) | set(new))
+    diff = [k for k in names if old.get(k) != new.get(k)]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"out: {where} holds a run with {what}{k}={old.get(k)!r} (now {new.get(k)!r}); "
+                         f"use another --out to keep both")
+
+
 def _independent_tensors(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """CPU, contiguous tensors, each owning its storage (what safetensors requires)."""
     out: Dict[str, torch.Tensor] = {}

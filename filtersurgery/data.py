@@ -225,15 +225,21 @@ def _balanced_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return idx.sort().values
 
 
+def _subset_test(test_x, test_y: torch.Tensor, subset_test: Optional[int]):
+    """The class-balanced first ``subset_test`` test images (seed 0), or all of them for ``None``."""
+    if subset_test is None:
+        return test_x, test_y
+    if not 1 <= subset_test <= len(test_y):
+        raise ValueError(f"subset_test must be in [1, {len(test_y)}], got {subset_test}")
+    keep = _balanced_subset(test_y, subset_test, seed=0)
+    return test_x[keep], test_y[keep]
+
+
 def _finish(train_x, train_y, test_x, test_y, name, source, subset_test, classes=None,
             mean_std=None, num_classes=None) -> ImageData:
     train_y = torch.as_tensor(train_y, dtype=torch.int64)
     test_y = torch.as_tensor(test_y, dtype=torch.int64)
-    if subset_test is not None:
-        if not 1 <= subset_test <= len(test_y):
-            raise ValueError(f"subset_test must be in [1, {len(test_y)}], got {subset_test}")
-        keep = _balanced_subset(test_y, subset_test, seed=0)
-        test_x, test_y = test_x[keep], test_y[keep]
+    test_x, test_y = _subset_test(test_x, test_y, subset_test)
     if num_classes is None:
         num_classes = int(max(int(train_y.max()), int(test_y.max()) if len(test_y) else 0)) + 1
     mean, std = mean_std if mean_std is not None else channel_stats(train_x)
@@ -416,11 +422,7 @@ def load_imagefolder(path: str, size: int = 224, in_memory: Optional[bool] = Non
     train_x = LazyImages(tr_paths, size, channels)
     test_x = LazyImages(te_paths, size, channels)
     train_y, test_y = torch.tensor(tr_labels), torch.tensor(te_labels)
-    if subset_test is not None:
-        if not 1 <= subset_test <= len(test_y):
-            raise ValueError(f"subset_test must be in [1, {len(test_y)}], got {subset_test}")
-        keep = _balanced_subset(test_y, subset_test, seed=0)
-        test_x, test_y = test_x[keep], test_y[keep]
+    test_x, test_y = _subset_test(test_x, test_y, subset_test)
     if in_memory is None:
         in_memory = (len(train_x) + len(test_x)) * channels * size * size <= IN_MEMORY_LIMIT_BYTES
     if in_memory:

@@ -143,9 +143,8 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
     metrics_path, final_path, state_path = out / "metrics.json", out / "step1.safetensors", run.work / STATE_FILE
     if metrics_path.exists():
         old = checkpoint.read_json(metrics_path)
-        if old.get("config", {}).get("growth") != config["growth"]:
-            raise ValueError(f"out: {out} holds a run with growth options {old.get('config', {}).get('growth')} "
-                             f"(now {config['growth']}); use another --out to keep both")
+        checkpoint.refuse_other_settings(out, old.get("config", {}).get("growth") or {}, config["growth"],
+                                         what="growth options ")
         if final_path.exists():
             return old
 
@@ -158,9 +157,9 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
 
     # ---- resume
     st = checkpoint.load_training_state(state_path) if state_path.exists() else None
-    if st is not None and st["extra"].get("growth") != config["growth"]:
-        raise ValueError(f"out: {run.work} holds a partial run with growth options {st['extra'].get('growth')} "
-                         f"(now {config['growth']}); use another --out")
+    if st is not None:
+        checkpoint.refuse_other_settings(run.work, st["extra"].get("growth") or {}, config["growth"],
+                                         what="growth options ")
     ex = st["extra"] if st is not None else {}
     phase_i, curve = int(ex.get("phase", 0)), list(ex.get("curve", []))
     history: List[Dict] = list(ex.get("history", []))

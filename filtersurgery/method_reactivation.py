@@ -339,10 +339,7 @@ def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir, seed: int, d
             if p == metrics_path:
                 c = old.get("config", {})
                 old = {"method": c.get("method"), **c.get("method_options", {})}
-            diff = [k for k in ident if old.get(k) != ident[k]]
-            if diff:
-                k = diff[0]
-                raise ValueError(f"out: {out} holds a run with {k}={old.get(k)!r} (now {ident[k]!r}); use another --out")
+            checkpoint.refuse_other_settings(out, old, ident, keys=list(ident))
     if metrics_path.exists() and ckpt.exists():
         done = checkpoint.read_json(metrics_path)
         if done.get("steps"):

@@ -129,10 +129,7 @@ def _progress(out: Path, args: Dict) -> Dict:
     if not path.exists():
         return {"args": args, "steps": {}}
     prog = checkpoint.read_json(path)
-    for k, v in args.items():
-        if prog.get("args", {}).get(k) != v:
-            raise ValueError(f"out: {out} holds a run with {k}={prog['args'].get(k)!r} (now {v!r}); "
-                             f"use another --out to keep both")
+    checkpoint.refuse_other_settings(out, prog.get("args", {}), args, keys=list(args))
     return prog
 
 

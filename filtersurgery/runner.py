@@ -86,11 +86,9 @@ def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
         old = old.get("config", {})
     except json.JSONDecodeError as e:
         raise ValueError(f"out: {mpath} is corrupt ({e}); move it away or use another --out") from None
-    new = asdict(cfg)
-    diff = [k for k in _IDENTITY if k in old and old[k] != new[k]]
-    if diff:
-        k = diff[0]
-        raise ValueError(f"out: {out} holds a run with {k}={old[k]!r} (now {new[k]!r}); use another --out to keep both")
+    from .checkpoint import refuse_other_settings
+
+    refuse_other_settings(out, old, asdict(cfg), keys=[k for k in _IDENTITY if k in old])
 
 
 def summarize(out: Path, seeds: List[int], method: str) -> Dict:
