@@ -118,7 +118,10 @@ def _first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
 def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
     """``(C, H, W)`` the model expects: timm ``pretrained_cfg['input_size']`` else 3x224x224.
 
-    ``C`` is the first conv's ``in_channels`` (so ``in_chans`` is respected).
+    ``C`` is the first conv's ``in_channels`` (so ``in_chans`` is respected, and so is a
+    replaced stem conv), except behind a space-to-depth stem (TResNet): when that is
+    ``in_chans * k*k`` (k >= 2) for the model's ``in_chans`` attribute (timm sets it), ``C``
+    is ``in_chans``.
     """
     model = unwrap(model)
     size = None
@@ -131,6 +134,11 @@ def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
     conv = _first_conv(model)
     if conv is not None:
         c = conv.in_channels
+        in_chans = getattr(model, "in_chans", None)
+        if isinstance(in_chans, int) and 0 < in_chans < c and c % in_chans == 0:
+            k = math.isqrt(c // in_chans)
+            if k >= 2 and k * k * in_chans == c:
+                c = in_chans
     return c, h, w
 
 

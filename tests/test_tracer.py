@@ -318,6 +318,23 @@ def test_timm_in_chans_and_size_independence():
     assert sm.coverage == 1.0 and len(sm.mapped) == 20
 
 
+def test_default_channels_space_to_depth_stem_and_replaced_stem():
+    import timm
+
+    # TResNet's space-to-depth stem: the first conv sees 16 * in_chans channels
+    m = timm.create_model("tresnet_m", pretrained=False, num_classes=3)
+    first = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
+    assert first.in_channels == 48
+    assert default_input_size(m)[0] == 3
+    sm = trace(m)
+    assert sm.coverage == 1.0 and len(sm.mapped) > 0
+    # a user-replaced stem conv wins over the stale in_chans attribute
+    r = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    r.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    assert default_input_size(r)[0] == 1
+    assert trace(r).coverage == 1.0
+
+
 def test_verify_detects_a_wrong_offset():
     import timm
 
