@@ -2,7 +2,8 @@
 
 Methods: finetune (lr 1e-3), finetune (lr 1e-2), bst, dml, lwm, framework, joint, plus the
 equal-compute controls (finetune lr 1e-2 and joint with 3x the epochs) and, with
-``--ablation``, framework variants (no MSL, no teacher update, one student, at_weight 1).
+``--ablation``, framework variants (no MSL, no teacher update, one student, at_weight 1,
+SST at lr 1e-2 instead of the paper's 0.1).
 Step 1 (training Data1 from scratch) is identical for every method of a seed, so it is
 trained once per seed and shared.
 
@@ -44,6 +45,7 @@ ABLATIONS = {
     "framework no-teacher-update": dict(method="framework", teacher_update=False),
     "framework 1 student": dict(method="framework", students=1),
     "framework at_weight=1": dict(method="framework", at_weight=1.0),
+    "framework sst_lr=1e-2": dict(method="framework", sst_lr=1e-2),
 }
 
 
