@@ -63,6 +63,14 @@ def _os_error(e: OSError, what: str) -> OSError:
     return ValueError(f"{what}: {why}")
 
 
+def make_dir(directory, arg: str = "out") -> None:
+    """``mkdir -p directory``; a failure is one line naming ``arg`` (denied, read-only, a file in the way)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise _os_error(e, f"{arg}: cannot create directory {directory}") from None
+
+
 def _prepare_dir(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     try:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .scaling_map import ScalingMap, unwrap
+from .ranking import check_finite
 
 DEFAULT_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
@@ -129,6 +130,8 @@ def graft(model_a, model_b, a: float = 0.4, c: float = 500.0, bins: int = 10,
         raise ValueError(f"a: must be in [0, 1], got {a!r}")
     if not float(c) > 0:
         raise ValueError(f"c: must be > 0, got {c!r}")
+    check_finite(model_a, "model_a")  # NaN/Inf weights would be mixed into both networks
+    check_finite(model_b, "model_b")
     report = GraftReport(float(a), float(c))
     for na, ma, nb, mb in paired_layers(model_a, model_b, types):
         ha, hb = layer_entropy(ma.weight, bins), layer_entropy(mb.weight, bins)

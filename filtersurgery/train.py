@@ -640,7 +640,7 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
     """
     run = Run(cfg, seed, Path(out_dir), data)
     out = run.out
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.make_dir(out, "out")
     run.work.mkdir(exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"out: directory {out} is not writable")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .reactivation import _check_fraction, candidate_convs, filter_importance, invalid_filters
+from .ranking import check_finite
 from .scaling_map import ScalingMap
 
 
@@ -84,6 +85,7 @@ def evolve_weights(model, alpha: float = 0.2, beta: float = 0.3) -> EvolutionRep
         model = model.module
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_finite(model)  # NaN/Inf weights: one-line error instead of copying them around
     convs = candidate_convs(model)
     masks = invalid_filters(convs, alpha, beta)
     report = EvolutionReport(alpha, beta)
