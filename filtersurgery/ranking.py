@@ -172,7 +172,7 @@ class FilterRanking:
         out = []
         for e in self.scaling_map:
             for r in e.scaled_by:
-                if r.norm == norm and r.offset <= ch < r.offset + e.out_channels:
+                if r.norm == norm and r.covers(ch - r.offset, e.out_channels):
                     out.append((e.name, ch - r.offset))
         return out
 

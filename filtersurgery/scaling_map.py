@@ -20,10 +20,24 @@ from torch import nn
 
 @dataclass(frozen=True)
 class NormRef:
-    """Filter ``c`` of the conv lands on channel ``offset + c`` of norm ``norm``."""
+    """Filter ``c`` of the conv lands on channel ``offset + c`` of norm ``norm``.
+
+    Usually for every filter. When an op cuts one conv's output into pieces that go
+    different ways (DPN's dual path: a residual slice and a concatenated slice), each piece
+    has its own ref, valid for filters ``first <= c < first + count`` only.
+    """
 
     norm: str
     offset: int
+    first: int = 0
+    count: Optional[int] = None  # None: every filter of the conv
+
+    def filter_range(self, out_channels: int) -> range:
+        """The filters ``c`` this ref scales (channel ``offset + c`` of ``norm``)."""
+        return range(self.first, out_channels if self.count is None else self.first + self.count)
+
+    def covers(self, c: int, out_channels: int) -> bool:
+        return c in self.filter_range(out_channels)
 
 
 @dataclass
@@ -134,7 +148,7 @@ class ScalingMap:
         e = self.convs[conv_name]
         if not 0 <= c < e.out_channels:
             raise ValueError(f"c: filter index must be in [0, {e.out_channels}), got {c}")
-        return [(r.norm, r.offset + c) for r in e.scaled_by]
+        return [(r.norm, r.offset + c) for r in e.scaled_by if r.covers(c, e.out_channels)]
 
     @property
     def coverage(self) -> float:
@@ -155,7 +169,7 @@ class ScalingMap:
             chans: Dict[str, set] = {}
             for e in self.convs.values():
                 for r in e.scaled_by:
-                    chans.setdefault(r.norm, set()).update(range(r.offset, r.offset + e.out_channels))
+                    chans.setdefault(r.norm, set()).update(r.offset + c for c in r.filter_range(e.out_channels))
             norms, params, channels, offsets, off = [], [], [], [], 0
             mods = dict(self.module.named_modules())
             for name in sorted(chans, key=list(mods).index):
@@ -176,7 +190,7 @@ class ScalingMap:
                 "name": e.name,
                 "out_channels": e.out_channels,
                 "groups": e.groups,
-                "scaled_by": [{"norm": r.norm, "offset": r.offset} for r in e.scaled_by],
+                "scaled_by": [_ref_json(r) for r in e.scaled_by],
                 "reason": e.reason,
             }
             for e in self.convs.values()
@@ -187,6 +201,14 @@ class ScalingMap:
             f"ScalingMap(convs={len(self.convs)}, mapped={len(self.mapped)}, "
             f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={self.coverage:.3f})"
         )
+
+
+def _ref_json(r: NormRef) -> dict:
+    """``{"norm", "offset"}``, plus ``"filters": [first, stop)`` for a ref valid on a piece only."""
+    d = {"norm": r.norm, "offset": r.offset}
+    if r.count is not None:
+        d["filters"] = [r.first, r.first + r.count]
+    return d
 
 
 # Reasons (prefixes) for which a conv has no affine per-channel norm downstream at all;

@@ -369,10 +369,12 @@ _MIX = {
 class _Step:
     """Result of pushing a channel range through one op."""
 
-    outs: List[Tuple[int, int, int]] = field(default_factory=list)  # (output_nr, cdim, offset)
+    # (output_nr, cdim, offset) or, for a piece of our filters, (..., first, count)
+    outs: List[Tuple[int, ...]] = field(default_factory=list)
     stop: Optional[str] = None  # "mix:<op>" | "unsupported:<op>" | "attn" | None
     gate: bool = False  # our tensor was broadcast over spatial dims into a multiply (SE gate)
     residual: bool = False  # a residual add (>= 2 activation operands)
+    cut: Optional[str] = None  # the op split our filters into pieces (followed separately)
 
 
 def _n_activation_inputs(fn) -> int:
@@ -537,14 +539,21 @@ def _pieces(op, sizes, off, n_chan, cdim, keep=None) -> _Step:
         if s <= off and off + n_chan <= e:
             st.outs.append((k, cdim, off - s))
         elif off < e and s < off + n_chan:
-            st.stop = f"unsupported:{op}(cuts the filters of one conv into pieces)"
+            # the window keeps part of our filters: follow that piece on its own,
+            # (output_nr, cdim, offset, first filter relative to ours, filters in the piece)
+            a, b = max(off, s), min(off + n_chan, e)
+            st.outs.append((k, cdim, a - s, a - off, b - a))
+            st.cut = f"{op}(cuts the filters of one conv into pieces)"
     return st
 
 
 # ------------------------------------------------------------------------ walk
 @dataclass
 class _WalkResult:
-    hits: List[Tuple[_Norm, int]] = field(default_factory=list)  # norms at the fewest adds
+    # (norm, offset, first, count): filter c in [first, first + count) lands on channel
+    # offset + c; count None = every filter. Per filter, the norms at the fewest adds.
+    hits: List[Tuple[_Norm, int, int, Optional[int]]] = field(default_factory=list)
+    cuts: Set[str] = field(default_factory=set)  # ops that cut the filters into pieces
     stops: Set[str] = field(default_factory=set)
     mixers: Set[object] = field(default_factory=set)  # conv modules that stopped the walk
     gate: bool = False
@@ -589,15 +598,25 @@ class _Graph:
         return False
 
     def walk(self, start_fns: Sequence[object], n_chan: int) -> _WalkResult:
-        """Follow filters ``[0, n_chan)`` from the conv outputs ``start_fns`` (0-1 BFS on adds)."""
+        """Follow filters ``[0, n_chan)`` from the conv outputs ``start_fns`` (0-1 BFS on adds).
+
+        A state carries the piece of filters ``[first, first + count)`` it follows: the whole
+        conv, unless a split/slice cut the filters into pieces that go different ways (DPN).
+        Per filter, the norms reached across the fewest residual adds win.
+        """
         res = _WalkResult()
         best: Dict[tuple, int] = {}
-        queue = deque((fn, 0, 1, 0, 0) for fn in start_fns)  # (fn, output_nr, cdim, offset, adds)
-        hit_level: Optional[int] = None
-        found: List[Tuple[_Norm, int, int]] = []
+        # (fn, output_nr, cdim, offset of filter `first`, adds, first, count)
+        queue = deque((fn, 0, 1, 0, 0, 0, n_chan) for fn in start_fns)
+        level: Dict[Tuple[int, int], int] = {}  # fewest adds at which a piece reached a norm
+        found: List[Tuple[_Norm, int, int, int, int]] = []
+
+        def beaten(adds: int, first: int, count: int) -> bool:  # a piece holding ours hit with fewer adds
+            return any(a < adds and f <= first and first + count <= f + n for (f, n), a in level.items())
+
         while queue:
-            fn, nr, cdim, off, adds = queue.popleft()
-            if hit_level is not None and adds > hit_level:
+            fn, nr, cdim, off, adds, first, count = queue.popleft()
+            if level and beaten(adds, first, count):
                 continue
             sh = _shape(fn, nr)
             if sh is None or cdim >= len(sh):
@@ -607,32 +626,41 @@ class _Graph:
                 norm = self.norm_of_fn.get(c)
                 if norm is not None:
                     ok_dim = (cdim == len(sh) - 1) if _channel_last(norm.kind) else (cdim == 1)
-                    if norm.reason is None and (not ok_dim or sh[cdim] != norm.channels or off + n_chan > norm.channels):
+                    if norm.reason is None and (not ok_dim or sh[cdim] != norm.channels or off + count > norm.channels):
                         res.bad_dim.add(f"unsupported:{norm.name}(filters on dim {cdim} of {list(sh)})")
                         continue
-                    found.append((norm, off, adds))
-                    hit_level = adds if hit_level is None else min(hit_level, adds)
+                    found.append((norm, off, adds, first, count))
+                    level[(first, count)] = min(level.get((first, count), adds), adds)
                     continue
-                st = _transfer(c, i, sh, cdim, off, n_chan, self.conv_fns, self.norm_of_fn)
+                st = _transfer(c, i, sh, cdim, off, count, self.conv_fns, self.norm_of_fn)
                 res.gate |= st.gate
+                if st.cut:
+                    res.cuts.add(st.cut)
                 if st.stop:
                     res.stops.add(st.stop)
                     if c in self.conv_fns:
                         res.mixers.add(self.conv_fns[c])
                 nadds = adds + (1 if st.residual else 0)
-                for onr, ocd, ooff in st.outs:
-                    key = (c, onr, ocd, ooff)
+                for out in st.outs:
+                    onr, ocd, ooff = out[:3]
+                    nfirst, ncount = (first + out[3], out[4]) if len(out) == 5 else (first, count)
+                    key = (c, onr, ocd, ooff, nfirst, ncount)
                     if best.get(key, 1 << 30) <= nadds:
                         continue
                     best[key] = nadds
-                    (queue.append if st.residual else queue.appendleft)((c, onr, ocd, ooff, nadds))
+                    (queue.append if st.residual else queue.appendleft)((c, onr, ocd, ooff, nadds, nfirst, ncount))
         if found:
-            level = min(a for _, _, a in found)
-            seen = set()
-            for norm, off, a in found:
-                if a == level and (norm.name, off) not in seen:
-                    seen.add((norm.name, off))
-                    res.hits.append((norm, off))
+            fewest = [1 << 30] * n_chan
+            for _, _, a, f, n in found:
+                for k in range(f, f + n):
+                    fewest[k] = min(fewest[k], a)
+            pieces: Dict[Tuple[str, int], Tuple[_Norm, Set[int]]] = {}
+            for norm, off, a, f, n in found:
+                if a == min(fewest[f : f + n]):
+                    pieces.setdefault((norm.name, off - f), (norm, set()))[1].update(range(f, f + n))
+            for (_, off), (norm, filters) in pieces.items():
+                for f, n in _runs(sorted(filters)):  # adjacent pieces on one offset: one ref
+                    res.hits.append((norm, off, f, None if (f, n) == (0, n_chan) else n))
         return res
 
 
@@ -653,7 +681,7 @@ def _inner_fns(in_fn, out_fn, limit: int = 64) -> Set[object]:
 
 # ------------------------------------------------------------------------ trace
 def _reason(res: _WalkResult, has_norms: bool, se: bool, classifier: bool) -> str:
-    nonaffine = [n for n, _ in res.hits if n.reason is not None]
+    nonaffine = [n for n, *_ in res.hits if n.reason is not None]
     if nonaffine:
         return nonaffine[0].reason
     if not has_norms:
@@ -770,7 +798,7 @@ def trace(model: nn.Module, example_inputs=None) -> ScalingMap:
                 results[m] = (g.walk(c.conv_runs[m], m.out_channels), g, c.conv_runs[m])
                 break
     # SE gates: the walk multiplies into a feature map; their reduce convs feed only gates
-    gates = {m for m, (r, _, _) in results.items() if r.gate and not any(n.reason is None for n, _ in r.hits)}
+    gates = {m for m, (r, _, _) in results.items() if r.gate and not any(n.reason is None for n, *_ in r.hits)}
     for _ in range(2):
         gates |= {
             m for m, (r, _, _) in results.items()
@@ -782,10 +810,17 @@ def trace(model: nn.Module, example_inputs=None) -> ScalingMap:
             e.reason = REASONS["not_run"]
         else:
             r, g, fns = results[m]
-            affine = [(n, off) for n, off in r.hits if n.reason is None]
+            affine = [h for h in r.hits if h[0].reason is None]
+            if r.cuts and affine and _uncovered(affine, m.out_channels):
+                # pieces of the filters reach no norm: report the conv rather than half-map it
+                affine = []
+                r.stops |= {f"unsupported:{cut}" for cut in r.cuts}
             if affine:
                 order = {nm: k for k, (nm, _) in enumerate(named)}
-                e.scaled_by = sorted((NormRef(n.name, off) for n, off in affine), key=lambda ref: (order[ref.norm], ref.offset))
+                e.scaled_by = sorted(
+                    (NormRef(n.name, off, f, cnt) for n, off, f, cnt in affine),
+                    key=lambda ref: (order[ref.norm], ref.first, ref.offset),
+                )
             else:
                 classifier = has_norms and not g.downstream_has_norm(fns)
                 e.reason = _reason(r, has_norms, m in gates, classifier)
@@ -795,6 +830,26 @@ def trace(model: nn.Module, example_inputs=None) -> ScalingMap:
     sm.input_size = size
     sm.trace_seconds = time.perf_counter() - t0
     return sm
+
+
+def _runs(sorted_ints: Sequence[int]) -> List[Tuple[int, int]]:
+    """``[(first, count)]`` of the consecutive runs of a sorted integer list."""
+    runs: List[Tuple[int, int]] = []
+    for k in sorted_ints:
+        if runs and runs[-1][0] + runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((k, 1))
+    return runs
+
+
+def _uncovered(hits, n_chan: int) -> bool:
+    """Some filter of ``[0, n_chan)`` is in no hit's piece."""
+    covered = [False] * n_chan
+    for _, _, f, cnt in hits:
+        for k in range(f, n_chan if cnt is None else f + cnt):
+            covered[k] = True
+    return not all(covered)
 
 
 def _shape_error(e: Exception, expected: Tuple[int, int, int]) -> ValueError:

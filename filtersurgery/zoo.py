@@ -139,13 +139,18 @@ def verify(
                 e = sm[name]
                 checked = False
                 for r in e.scaled_by:
+                    if not r.covers(c, e.out_channels):
+                        continue
                     if r.norm not in diffs:
                         never_ran[name] += 1
                         continue
                     d = diffs[r.norm][b]
-                    window = d[r.offset : r.offset + e.out_channels]
-                    target = float(window[c]) if c < window.numel() else 0.0
-                    others = [r.offset + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != c]
+                    fr = r.filter_range(e.out_channels)
+                    lo = r.offset + fr.start  # the window of norm channels this ref scales
+                    window = d[lo : r.offset + fr.stop]
+                    k = r.offset + c - lo
+                    target = float(window[k]) if k < window.numel() else 0.0
+                    others = [lo + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != k]
                     res.checks += 1
                     checked = True
                     if target <= 0.0 or others:
@@ -200,7 +205,9 @@ def _inspect_json(sm: ScalingMap, source: str, name: str) -> dict:
 def _table(sm: ScalingMap) -> str:
     rows = [("conv", "out", "groups", "scaled by (norm@offset) / reason")]
     for e in sm:
-        what = ", ".join(f"{r.norm}@{r.offset}" for r in e.scaled_by) if e.mapped else f"- {e.reason}"
+        what = ", ".join(
+            f"{r.norm}@{r.offset}" + (f"[{r.first}:{r.first + r.count}]" if r.count is not None else "") for r in e.scaled_by
+        ) if e.mapped else f"- {e.reason}"
         rows.append((e.name, str(e.out_channels), str(e.groups), what))
     w0 = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:>5}  {c:>6}  {d}" for a, b, c, d in rows)

@@ -172,6 +172,45 @@ def test_split_and_slice_offsets():
     assert verify(sm, (3, 8, 8)).ok
 
 
+class DualPath(nn.Module):
+    """DPN-style block: one conv's output is sliced into a residual part and a dense part."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)  # 4 residual channels + 2 dense
+        self.c = nn.Conv2d(3, 7, 1)  # 4 residual + 3 dense
+        self.bn = nn.BatchNorm2d(9)  # cat(resid 4, dense 2 + 3)
+        self.glu = nn.Conv2d(3, 8, 1)  # chunk: both halves reach bn_glu at channel c mod 4
+        self.bn_glu = nn.BatchNorm2d(4)
+        self.drop = nn.Conv2d(3, 4, 1)  # half of it is sliced away: reported, not half-mapped
+        self.bn_drop = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        s = self.stem(x)
+        out = self.c(x)
+        resid = s[:, :4] + out[:, :4]
+        dense = torch.cat([s[:, 4:], out[:, 4:]], 1)
+        a, b = self.glu(x).chunk(2, 1)
+        return self.bn(torch.cat([resid, dense], 1)).mean() + self.bn_glu(a * b.sigmoid()).mean() + self.bn_drop(self.drop(x)[:, :2]).mean()
+
+
+def test_dual_path_pieces():
+    sm = trace(DualPath(), torch.randn(1, 3, 8, 8))
+    # c: filters 0-3 (residual, one add) -> bn 0-3; filters 4-6 (dense, no add) -> bn 6-8
+    got = [(r.norm, r.offset, r.first, r.count) for r in sm["c"].scaled_by]
+    assert got == [("bn", 0, 0, 4), ("bn", 2, 4, 3)]
+    assert sm.scaled_by("c", 5) == [("bn", 7)] and sm.scaled_by("c", 1) == [("bn", 1)]
+    # stem: residual filters 0-3 -> bn 0-3 (one add), dense 4-5 -> bn 4-5: one whole ref
+    assert refs(sm, "stem") == [("bn", 0)] and sm["stem"].scaled_by[0].count is None
+    assert [(r.offset, r.first, r.count) for r in sm["glu"].scaled_by] == [(0, 0, 4), (-4, 4, 4)]
+    assert not sm["drop"].mapped and "Slice(cuts the filters" in sm.unscaled["drop"]
+    js = {e["name"]: e for e in sm.to_json()}
+    assert js["c"]["scaled_by"] == [{"norm": "bn", "offset": 0, "filters": [0, 4]}, {"norm": "bn", "offset": 2, "filters": [4, 7]}]
+    assert js["stem"]["scaled_by"] == [{"norm": "bn", "offset": 0}]
+    assert sm.factors.numel == 9 + 4
+    assert verify(sm, (3, 8, 8), filters_per_conv=8).ok
+
+
 def test_batchnormact_and_layernorm2d():
     from timm.layers import BatchNormAct2d, LayerNorm2d
 
