@@ -63,20 +63,20 @@ def _os_error(e: OSError, what: str) -> OSError:
     return ValueError(f"{what}: {why}")
 
 
-def make_dir(directory, arg: str = "out") -> None:
-    """``mkdir -p directory``; a failure is one line naming ``arg`` (denied, read-only, a file in the way)."""
+def make_dir(directory, arg: Optional[str] = "out") -> None:
+    """``mkdir -p directory``; a failure (denied, read-only, a file in the way) is one line:
+    ``ARG: cannot create directory D: why``, or ``cannot create output directory D: why``
+    when ``arg`` is None."""
     try:
         os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise _os_error(e, f"{arg}: cannot create directory {directory}") from None
+    except OSError as e:  # denied, read-only file system, a file in the way (ENOTDIR/EEXIST)
+        what = f"{arg}: cannot create directory" if arg else "cannot create output directory"
+        raise _os_error(e, f"{what} {directory}") from None
 
 
 def _prepare_dir(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:  # denied, read-only file system, a file in the way (ENOTDIR/EEXIST)
-        raise _os_error(e, f"cannot create output directory {directory}") from None
+    make_dir(directory, None)
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path}: it is a directory")
     return directory
