@@ -24,6 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from filtersurgery.data import load_dataset
 from filtersurgery.report import accuracy_per_step, markdown_table
 from filtersurgery.train import TrainConfig, multi_step
@@ -46,6 +48,7 @@ ABLATIONS = {
     "framework 1 student": dict(method="framework", students=1),
     "framework at_weight=1": dict(method="framework", at_weight=1.0),
     "framework sst_lr=1e-2": dict(method="framework", sst_lr=1e-2),
+    "framework lr=1e-2": dict(method="framework", lr=1e-2),
 }
 
 
@@ -102,6 +105,14 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true", help="also run the framework ablations")
     p.add_argument("--cpu-small", action="store_true", help="CPU-sized configuration (few epochs, subset)")
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
+    p.add_argument("--no-report", dest="table", action="store_false",
+                   help="train only: no table, plot or table.md (for many processes writing into one --out)")
+    p.add_argument("--step1-only", action="store_true", help="only train the shared step-1 models of --seeds")
+    p.add_argument("--test-subset", type=int, default=None,
+                   help="evaluate on a fixed class-balanced subset of N test images (smoke runs only)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
+    p.add_argument("--state-every", type=float, default=0.0,
+                   help="write the resumable state at most every N seconds (default 0: after every epoch)")
     p.add_argument("--jobs", type=int, default=1,
                    help="run (seed, method) pairs as this many parallel processes (small models leave a GPU idle)")
     p.add_argument("--out", default="runs/bench_multistep")
@@ -124,16 +135,18 @@ def main(argv=None) -> int:
     steps = 2 if args.split == "single" else 4
     base = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, split=args.split, steps=steps,
                        epochs=args.epochs, subset=args.subset, batch_size=args.batch_size, device=args.device,
-                       progress=False)
+                       progress=False, channels_last=args.channels_last, state_every=args.state_every)
+    if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()):
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
     if not args.report and args.jobs > 1:
         run_parallel(argv if argv is not None else sys.argv[1:], args, variants)
     elif not args.report:
-        data = load_dataset(args.data, root=args.data_root)
+        data = load_dataset(args.data, root=args.data_root, subset_test=args.test_subset)
         for seed in args.seeds:
             # step 1 (Data1 from scratch) is the same for every method: train it once per seed
             step1_dir = out / "_step1" / f"seed{seed}"
             multi_step(replace(base, method="finetune"), step1_dir, seed=seed, data=data, until_step=1)
-            for name, ov in variants.items():
+            for name, ov in ({} if args.step1_only else variants).items():
                 ov = dict(ov)
                 x = ov.pop("_x", 1)
                 cfg = replace(base, epochs=base.epochs * x, **ov)
@@ -142,6 +155,8 @@ def main(argv=None) -> int:
                            step1_from=str(step1_dir / "step1.safetensors"))
                 print(f"[{time.time() - t0:7.1f}s] seed {seed} {name} done", flush=True)
 
+    if not args.table or args.step1_only:
+        return 0
     results, cost = {}, {}
     for name in variants:
         rows = {}

@@ -17,6 +17,7 @@ drift hits all alike; reported are the median per-round ratio and its spread (mi
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -87,12 +88,16 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=100, help="batches per timed epoch")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cpu-small", action="store_true", help="CPU-sized: batch 64, 20 batches per epoch, 5 rounds")
+    p.add_argument("--data-root", default=None, help="folder holding the Fashion-MNIST files")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the ratios and times as JSON here")
     args = p.parse_args(argv)
     if args.cpu_small:
         args.batch_size, args.batches, args.device = 64, 20, "cpu"
     cfg = TrainConfig(model=args.model, device=args.device, batch_size=args.batch_size, max_batches=args.batches,
-                      subset=args.batch_size * (args.batches + 1), steps=2, progress=False, method="framework")
-    data = load_dataset("fashion-mnist", allow_demo=True)
+                      subset=args.batch_size * (args.batches + 1), steps=2, progress=False, method="framework",
+                      channels_last=args.channels_last)
+    data = load_dataset("fashion-mnist", root=args.data_root, allow_demo=True)
     tmp = Path(tempfile.mkdtemp(prefix="fs_cost_"))
     run = Run(cfg, 0, tmp, data)
     label = f"{'CPU-sized' if run.device.type == 'cpu' else 'GPU'}: {args.model}, batch {args.batch_size}, {args.batches} batches/epoch"
@@ -119,10 +124,16 @@ def main(argv=None) -> int:
         return statistics.median(rs), min(rs), max(rs)
 
     print("\n| ratio | median | spread (min-max) | goal |\n|---|---|---|---|")
+    ratios = {}
     for (a, b, goal) in (("aod2", "aod1", "<= 2.05"), ("trainer_ft", "hand_ft", "<= 1.05")):
         m, lo, hi = ratio(a, b)
+        ratios[f"{a}/{b}"] = {"median": m, "min": lo, "max": hi, "goal": goal}
         print(f"| {a} / {b} | {m:.3f} | {lo:.3f}-{hi:.3f} | {goal} |")
     print("\nmedian seconds per epoch: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in times.items()))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"label": label, "torch": torch.__version__, "device": str(run.device),
+                                         "ratios": ratios, "seconds": times}, indent=1))
     return 0
 
 

@@ -101,6 +101,9 @@ class TrainConfig:
     workers_seed: int = 0
     progress: bool = True
     max_batches: Optional[int] = None  # cap batches per epoch (smoke tests)
+    # write the resumable state at most every this many seconds (0: after every epoch); the
+    # epochs.csv rows of unsaved epochs are held back with it, so a kill never duplicates a row
+    state_every: float = 0.0
 
     def validate(self) -> None:
         """One-line ValueError naming the bad field and its allowed range."""
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam: must be a finite number >= 0, got {self.lam}")
+        if not (math.isfinite(self.state_every) and self.state_every >= 0):
+            raise ValueError(f"state_every: must be a finite number of seconds >= 0, got {self.state_every}")
         if self.max_batches is not None and self.max_batches < 1:
             raise ValueError(f"max_batches: must be None or >= 1, got {self.max_batches}")
         if self.device != "auto":
@@ -446,6 +451,8 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         s.train()
     nets = _ddp_wrap(students, dev)  # what the batch loss calls (the students themselves without torchrun)
     desc = f"seed{run.seed} step{step} {phase.name}"
+    pending: List[Dict] = []  # epochs.csv rows not yet covered by a saved state
+    saved_at = time.time()
     for epoch in range(start_epoch, phase.epochs):
         t0 = time.time()
         loader.set_epoch(epoch)
@@ -470,7 +477,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         if not math.isfinite(float(total)):  # checked once per epoch: no host sync per batch
             raise RuntimeError(
                 f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "
-                f"the last good state (end of the previous epoch) is kept in {state_path}"
+                f"the last saved state (an earlier epoch) is kept in {state_path}"
             )
         _sync_buffers(students)  # torchrun: BN running statistics averaged over ranks
         row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
@@ -486,18 +493,23 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
             teacher.load_state_dict(students[0].state_dict())  # SPEC §4 teacher update
             teacher_val = vals[0]
             row["teacher_updated"] = 1
-        sd = {f"s{i}.{k}": v for i, s in enumerate(students) for k, v in s.state_dict().items()}
-        if teacher is not None:
-            sd.update({f"t.{k}": v for k, v in teacher.state_dict().items()})
-        if is_main_process():
-            checkpoint.save_training_state(
-                state_path, sd, opt.state_dict(),
-                {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": sched.state_dict(),
-                 "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
-                 "rng": checkpoint.rng_state(), "gen": gen.get_state()},
-            )
         extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
-        run.log_epoch({**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""})  # after the state: a kill never duplicates a row
+        pending.append({**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""})
+        last = epoch + 1 == phase.epochs
+        if cfg.state_every <= 0 or last or time.time() - saved_at >= cfg.state_every:
+            sd = {f"s{i}.{k}": v for i, s in enumerate(students) for k, v in s.state_dict().items()}
+            if teacher is not None:
+                sd.update({f"t.{k}": v for k, v in teacher.state_dict().items()})
+            if is_main_process():
+                checkpoint.save_training_state(
+                    state_path, sd, opt.state_dict(),
+                    {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": sched.state_dict(),
+                     "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
+                     "rng": checkpoint.rng_state(), "gen": gen.get_state()},
+                )
+            for r in pending:  # after the state: a kill never duplicates a row
+                run.log_epoch(r)
+            pending, saved_at = [], time.time()
 
     # ---- phase output
     for p in frozen:
