@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 
 from filtersurgery.data import load_dataset
 from filtersurgery.report import accuracy_per_step, markdown_table
-from filtersurgery.train import TrainConfig, multi_step
+from filtersurgery.train import TrainConfig, multi_step, phase_flops, plan_step
 
 # name -> TrainConfig overrides (epochs multiplier via "_x")
 VARIANTS = {
@@ -41,7 +42,12 @@ VARIANTS = {
     "joint": dict(method="joint"),
     "finetune(1e-2) 3x epochs": dict(method="finetune", lr=1e-2, _x=3),
     "joint 3x epochs": dict(method="joint", _x=3),
+    # fine-tuning given the framework's training FLOPs over steps 2.. (epochs from phase_flops)
+    "finetune(1e-2) equal FLOPs": dict(method="finetune", lr=1e-2, _x="framework"),
 }
+# the --cpu-medium testbed's comparison
+MEDIUM = ["finetune(1e-3)", "finetune(1e-2)", "framework", "joint", "finetune(1e-2) equal FLOPs"]
+MEDIUM_SUBSET, MEDIUM_EPOCHS = 9000, 5
 ABLATIONS = {
     "framework no-MSL": dict(method="framework", msl=False),
     "framework no-teacher-update": dict(method="framework", teacher_update=False),
@@ -49,7 +55,33 @@ ABLATIONS = {
     "framework at_weight=1": dict(method="framework", at_weight=1.0),
     "framework sst_lr=1e-2": dict(method="framework", sst_lr=1e-2),
     "framework lr=1e-2": dict(method="framework", lr=1e-2),
+    "framework global ranking": dict(method="framework", ranking="global"),
+    "framework lam=1e-4": dict(method="framework", lam=1e-4),
+    "framework lr=1e-2 1 student": dict(method="framework", lr=1e-2, students=1),
+    "framework lr=1e-2 no-Dri": dict(method="framework", lr=1e-2, students=1, dri=False),
+    "framework lr=1e-2 no-SST": dict(method="framework", lr=1e-2, sst=False),
+    "framework lr=1e-2 no-MSL": dict(method="framework", lr=1e-2, msl=False),
+    "framework lr=1e-2 MSL+CE": dict(method="framework", lr=1e-2, msl_ce=True),
+    "framework lr=1e-2 sst_lr=1e-2": dict(method="framework", lr=1e-2, sst_lr=1e-2),
+    "framework lr=1e-2 global ranking": dict(method="framework", lr=1e-2, ranking="global"),
 }
+
+
+def equal_flops_epochs(cfg: TrainConfig, steps: int) -> int:
+    """Epochs per step that give fine-tuning the framework's training FLOPs over steps 2..``steps``."""
+    fw = replace(cfg, method="framework")
+    ft = replace(cfg, method="finetune")
+    def total(c):
+        return sum(phase_flops(p, 1, 1, c.students if p.kind == "aod" else 1)
+                   for k in range(2, steps + 1) for p in plan_step(c, k))
+    return max(1, round(cfg.epochs * total(fw) / total(ft)))
+
+
+def summary_rows(rows, key: str):
+    """Mean ± std over seeds of ``key`` per step (``markdown_table``'s row format)."""
+    return [{"step": k, "test_acc_mean": statistics.fmean(e[key] for e in v),
+             "test_acc_std": statistics.stdev([e[key] for e in v]) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in sorted(rows.items())]
 
 
 def slug(name: str) -> str:
@@ -75,8 +107,9 @@ def run_parallel(argv, args, variants) -> None:
     me = [sys.executable, __file__] + rest
 
     def job(seed, names):
-        cmd = me + ["--seeds", str(seed), "--methods", *names]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = me + ["--jobs", "1", "--seeds", str(seed), "--methods", *names]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # one core per process
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
         print(f"seed {seed} {names}: exit {r.returncode}: " + " | ".join(tail), flush=True)
         return r.returncode
@@ -85,7 +118,10 @@ def run_parallel(argv, args, variants) -> None:
     with ThreadPoolExecutor(args.jobs) as ex:  # step 1 per seed first (shared by every method)
         list(ex.map(lambda s: job(s, names[:1]), args.seeds))
     with ThreadPoolExecutor(args.jobs) as ex:
-        codes = list(ex.map(lambda sn: job(*sn), [(s, [n]) for s in args.seeds for n in names[1:]]))
+        # longest first (framework-like and equal-FLOPs runs cost ~5x a fine-tuning): shortest makespan
+        cost = lambda n: 3 if "framework" in n or "FLOPs" in n else 2 if "joint" in n or " 3x" in n else 1  # noqa: E731
+        pairs = sorted([(s, [n]) for s in args.seeds for n in names[1:]], key=lambda sn: -cost(sn[1][0]))
+        codes = list(ex.map(lambda sn: job(*sn), pairs))
     if any(codes):
         print(f"{sum(1 for c in codes if c)} jobs failed", flush=True)
 
@@ -97,13 +133,16 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", choices=["single", "multi"], default="multi")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--step1-epochs", type=int, default=None, help="epochs of step 1 (default --epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--subset", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", nargs="+", default=None, help="subset of variant names (default all)")
     p.add_argument("--ablation", action="store_true", help="also run the framework ablations")
-    p.add_argument("--cpu-small", action="store_true", help="CPU-sized configuration (few epochs, subset)")
+    p.add_argument("--cpu-small", action="store_true", help="smoke configuration (timm resnet18, 500 images per part)")
+    p.add_argument("--cpu-medium", action="store_true",
+                   help="the CPU testbed: cifar:resnet8, %d images per part, %d epochs, batch 64, 2 processes" % (MEDIUM_SUBSET, MEDIUM_EPOCHS))
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     p.add_argument("--no-report", dest="table", action="store_false",
                    help="train only: no table, plot or table.md (for many processes writing into one --out)")
@@ -113,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
     p.add_argument("--state-every", type=float, default=0.0,
                    help="write the resumable state at most every N seconds (default 0: after every epoch)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int, default=None,
                    help="run (seed, method) pairs as this many parallel processes (small models leave a GPU idle)")
     p.add_argument("--out", default="runs/bench_multistep")
     args = p.parse_args(argv)
@@ -123,7 +162,15 @@ def main(argv=None) -> int:
         # everything else as the full run
         args.epochs, args.subset, args.batch_size = min(args.epochs, 3), args.subset or 500, 64
         args.device = "cpu" if args.device == "auto" else args.device
+    if args.cpu_medium:
+        # the CPU testbed (docs/trainer.md, "The CPU testbed"): the smallest configuration whose step 1 is
+        # well trained (>= 83% test) and whose 5-method comparison runs 3 seeds in ~75 min on 2 cores
+        args.model, args.epochs, args.subset, args.batch_size = "cifar:resnet8", MEDIUM_EPOCHS, MEDIUM_SUBSET, 64
+        args.device = "cpu" if args.device == "auto" else args.device
+        args.jobs = args.jobs or 2
     default = {k: v for k, v in VARIANTS.items() if not (args.cpu_small and k == "joint 3x epochs")}
+    if args.cpu_medium:
+        default = {k: VARIANTS[k] for k in MEDIUM}
     variants = dict(default, **(ABLATIONS if args.ablation else {}))
     if args.methods:
         known = dict(VARIANTS, **ABLATIONS)
@@ -134,10 +181,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     steps = 2 if args.split == "single" else 4
     base = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, split=args.split, steps=steps,
-                       epochs=args.epochs, subset=args.subset, batch_size=args.batch_size, device=args.device,
+                       epochs=args.epochs, step1_epochs=args.step1_epochs, subset=args.subset, batch_size=args.batch_size, device=args.device,
                        progress=False, channels_last=args.channels_last, state_every=args.state_every)
     if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()):
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
+    args.jobs = args.jobs or 1
     if not args.report and args.jobs > 1:
         run_parallel(argv if argv is not None else sys.argv[1:], args, variants)
     elif not args.report:
@@ -149,7 +197,9 @@ def main(argv=None) -> int:
             for name, ov in ({} if args.step1_only else variants).items():
                 ov = dict(ov)
                 x = ov.pop("_x", 1)
-                cfg = replace(base, epochs=base.epochs * x, **ov)
+                cfg = replace(base, **ov)
+                epochs = equal_flops_epochs(cfg, steps) if x == "framework" else base.epochs * x
+                cfg = replace(cfg, epochs=epochs)
                 t0 = time.time()
                 multi_step(cfg, out / slug(name) / f"seed{seed}", seed=seed, data=data,
                            step1_from=str(step1_dir / "step1.safetensors"))
@@ -157,7 +207,7 @@ def main(argv=None) -> int:
 
     if not args.table or args.step1_only:
         return 0
-    results, cost = {}, {}
+    results, val, cost = {}, {}, {}
     for name in variants:
         rows = {}
         for seed in args.seeds:
@@ -168,17 +218,18 @@ def main(argv=None) -> int:
                 rows.setdefault(e["step"], []).append(e)
         if not rows:
             continue
-        results[name] = [
-            {"step": k, "test_acc_mean": statistics.fmean(e["test_acc"] for e in v),
-             "test_acc_std": statistics.stdev([e["test_acc"] for e in v]) if len(v) > 1 else 0.0, "n": len(v)}
-            for k, v in sorted(rows.items())
-        ]
+        results[name], val[name] = summary_rows(rows, "test_acc"), summary_rows(rows, "val_acc")
         cost[name] = {k: (statistics.fmean(e["seconds"] for e in v), statistics.fmean(e.get("train_flops", 0) for e in v))
                       for k, v in rows.items()}
-    label = "CPU-sized configuration" if args.cpu_small else "full size"
-    print(f"\n## {args.split}-step, {args.model}, {args.data}, {args.epochs} epochs/phase, seeds {args.seeds} ({label})\n")
+    label = ("CPU testbed (--cpu-medium)" if args.cpu_medium else
+             "CPU-sized smoke configuration" if args.cpu_small else "full size")
+    print(f"\n## {args.split}-step, {args.model}, {args.data}, {args.epochs} epochs/phase, {args.subset or 'all'} "
+          f"training images per part, batch {args.batch_size}, seeds {args.seeds} ({label})\n")
     print("Test accuracy (%), mean ± std over seeds:\n")
     print(markdown_table(results))
+    print("\nValidation accuracy (%) on the held-out 10% of the current part (joint: of all parts so far); "
+          "every choice is made on these:\n")
+    print(markdown_table(val))
     print("\nCost per step: wall-clock seconds / training TFLOPs (step 1 is shared and trained once per seed):\n")
     steps_all = sorted({k for c in cost.values() for k in c})
     print("| method | " + " | ".join(f"step {s}" for s in steps_all) + " |")

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     desc = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     header = (f"sparsify_overhead on {desc}: batch {batch}, {args.size}x{args.size}, "
               f"{'bf16 autocast, channels_last' if cuda else 'fp32'}, {args.rounds} rounds x {iters} steps, "
-              f"torch {torch.__version__}, timm {timm.__version__}, torch-pruning {tp.__version__}")
+              f"torch {torch.__version__}, timm {timm.__version__}, torch-pruning {getattr(tp, '__version__', '?')}")
     results = []
     for name in args.models:
         results.append(bench_model(name, device, args.size, batch, args.rounds, iters, warmup))

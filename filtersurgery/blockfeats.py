@@ -328,3 +328,44 @@ def capture_blocks(model: nn.Module, names: Optional[Sequence[str]] = None) -> I
         for h in handles:
             h.remove()
         feats.clear()
+
+
+@torch.no_grad()
+def block_sizes(model: nn.Module, example_inputs: torch.Tensor, names: Optional[Sequence[str]] = None
+                ) -> Dict[str, Optional[Tuple[int, int]]]:
+    """Spatial size ``(H, W)`` of each block's output for ``example_inputs`` (None if not a 4-D map).
+
+    One probe forward pass in eval mode without gradients (the train/eval mode is restored,
+    BN running statistics are not touched). ``names`` default to :func:`blocks`.
+    """
+    net = unwrap(model)
+    names = list(blocks(net, example_inputs) if names is None else names)
+    was_training = net.training
+    net.eval()
+    try:
+        with capture_blocks(net, names) as feats:
+            net(example_inputs)
+            return {n: (tuple(feats[n].shape[-2:]) if torch.is_tensor(feats.get(n)) and feats[n].dim() == 4 else None)
+                    for n in names}
+    finally:
+        net.train(was_training)
+
+
+def spatial_blocks(model: nn.Module, example_inputs: torch.Tensor, min_size: int,
+                   names: Optional[Sequence[str]] = None, arg: str = "min_size") -> List[str]:
+    """The blocks whose output map is at least ``min_size x min_size`` for ``example_inputs``.
+
+    Attention transfer on a 1x1 map is identically 0 (a normalized single value) and on
+    2x2 maps it is unstable at the usual weights, so distillation terms use the blocks
+    that carry spatial information. One-line ``ValueError`` (naming ``arg``) when none
+    qualifies, listing every block's size.
+    """
+    if not isinstance(min_size, int) or min_size < 1:
+        raise ValueError(f"{arg}: must be an int >= 1, got {min_size!r}")
+    sizes = block_sizes(model, example_inputs, names)
+    keep = [n for n, hw in sizes.items() if hw is not None and min(hw) >= min_size]
+    if not keep:
+        shown = ", ".join(f"{n} {hw[0]}x{hw[1]}" if hw else f"{n} (no map)" for n, hw in sizes.items())
+        raise ValueError(f"{arg}: no block has a map of at least {min_size}x{min_size} at input size "
+                         f"{tuple(example_inputs.shape[-2:])} (blocks: {shown}); lower {arg} or use larger images")
+    return keep

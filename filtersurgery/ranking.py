@@ -1,9 +1,21 @@
-"""Global ranking of scaling factors by |gamma| (SPEC §1 candidates).
+"""Ranking of scaling factors: the paper's global |gamma|, or per-norm units (docs/method.md).
 
-Every operation of SPEC §1/§2 works on the same flat list of scaling factors: the
+Every operation of SST and Dri works on the same flat list of scaling factors: the
 :class:`~filtersurgery.scaling_map.FactorView` of a ScalingMap. A factor is one
 ``(norm, channel)``; a filter that reaches several norms (DenseNet concatenation) has
 one factor per norm, and a norm channel reached by several paths is counted once.
+
+How factors of different norms are compared is the ``ranking`` option:
+
+- ``"global"`` (the paper's rule): the score of factor ``k`` is ``|gamma_k|``; every norm is
+  assumed to share one scale.
+- ``"per-norm"``: the score is ``|gamma_k| / s_n(k)`` with ``s_n`` the mean |gamma| of the
+  factors of the factor's own norm ``n(k)`` (torch-pruning's "mean" group normalizer).
+  Arbitrary CNNs do not share one scale: timm zero-initialises the last BN of every
+  residual branch, and pretrained, SE and layer-scale models differ per layer.
+
+``gamma_k = score_k * s_n(k)``: an operation that picks a new *score* (Dri) maps it back
+to the factor's own norm with its scale, so a filter is never lifted far above its layer.
 """
 from __future__ import annotations
 
@@ -17,6 +29,9 @@ from torch import nn
 from .scaling_map import FactorView, ScalingMap, unwrap
 
 ModelOrMap = Union[nn.Module, ScalingMap]
+RANKINGS = ("global", "per-norm")
+# a norm whose mean |gamma| is below this is treated as all-zero: its scores are 0
+_SCALE_FLOOR = 1e-12
 
 
 def as_scaling_map(model: ModelOrMap, example_inputs=None) -> ScalingMap:
@@ -145,19 +160,75 @@ def smallest_mask(values: torch.Tensor, frac: float) -> torch.Tensor:
     return mask
 
 
+def check_ranking(ranking: str) -> str:
+    """One-line ValueError unless ``ranking`` is one of :data:`RANKINGS`."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking: must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+    return ranking
+
+
+def factor_scales(fv: FactorView, ranking: str = "global", abs_gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-factor scale ``s_n(k)`` (global factor order, float32, on the gammas' device).
+
+    ``"global"``: all 1. ``"per-norm"``: the mean |gamma| of the factors of the factor's own
+    norm (a norm whose mean is ~0, e.g. a zero-initialised BN that was never trained, gets
+    a tiny floor, so its scores are 0). ``abs_gamma``: the |gamma| vector to use (default:
+    the current gammas, checked for NaN/Inf).
+    """
+    check_ranking(ranking)
+    a = checked_gammas(fv).abs() if abs_gamma is None else abs_gamma
+    if ranking == "global":
+        return torch.ones_like(a)
+    sizes = torch.tensor([int(c.numel()) for c in fv.channels], device=a.device)
+    norm_of = torch.repeat_interleave(torch.arange(len(sizes), device=a.device), sizes)
+    sums = torch.zeros(len(sizes), device=a.device, dtype=a.dtype).index_add_(0, norm_of, a)
+    means = (sums / sizes.to(a.dtype)).clamp_min(_SCALE_FLOOR)
+    return means[norm_of]
+
+
+def factor_scores(fv: FactorView, ranking: str = "global", scales: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, scales)``: ``|gamma_k| / s_n(k)`` in the units of ``ranking`` and the scales used.
+
+    ``scales`` fixes the per-factor scales (e.g. those at the start of SST) instead of
+    computing them from the current gammas.
+    """
+    a = checked_gammas(fv).abs()
+    s = factor_scales(fv, ranking, a) if scales is None else scales.to(a.device, a.dtype)
+    return a / s, s
+
+
 @dataclass
 class FilterRanking:
-    """Scaling factors ordered by ascending |gamma| (global ranking, SPEC §1).
+    """Scaling factors ordered by ascending score (``ranking``: ``"global"`` |gamma| or ``"per-norm"``).
 
-    ``order[j]`` is the global factor index of rank ``j`` (0 = smallest |gamma|),
-    ``abs_gamma[j]`` its |gamma|; ``factors`` is the FactorView the indices refer to and
-    ``scaling_map`` the map, to go from a factor to the conv filters it scales.
+    ``order[j]`` is the global factor index of rank ``j`` (0 = smallest score),
+    ``abs_gamma[j]`` its |gamma| and ``score[j]`` its score (= ``abs_gamma`` for the
+    global ranking); ``scale[j]`` the factor's norm scale (``abs_gamma = score * scale``).
+    ``factors`` is the FactorView the indices refer to and ``scaling_map`` the map, to go
+    from a factor to the conv filters it scales.
     """
 
     order: torch.Tensor
     abs_gamma: torch.Tensor
     factors: FactorView
     scaling_map: ScalingMap
+    score: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    ranking: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            self.score = self.abs_gamma
+        if self.scale is None:
+            self.scale = torch.ones_like(self.abs_gamma)
+
+    def __repr__(self) -> str:
+        n = len(self)
+        lo = f"{float(self.score[0]):.4g}" if n else "-"
+        hi = f"{float(self.score[-1]):.4g}" if n else "-"
+        return (f"FilterRanking({n} factors in {len(self.factors.norms)} norms, ranking={self.ranking!r}, "
+                f"score {lo}..{hi})")
 
     def __len__(self) -> int:
         return int(self.order.numel())
@@ -182,29 +253,35 @@ class FilterRanking:
         return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 
-def rank_filters(model: ModelOrMap) -> FilterRanking:
-    """Rank all scaling factors of ``model`` globally by |gamma| (SPEC §1, multistep III-B).
+def rank_filters(model: ModelOrMap, ranking: str = "global") -> FilterRanking:
+    """Rank all scaling factors of ``model`` by score (multistep paper III-B; docs/method.md).
 
-    Accepts a model (traced) or a ScalingMap. Ties are broken by factor index. The
-    returned tensors are on the CPU.
+    ``ranking="global"`` (default, the paper's rule) ranks by |gamma|; ``"per-norm"`` by
+    |gamma| over the mean |gamma| of the factor's own norm. Accepts a model (traced) or a
+    ScalingMap. Ties are broken by factor index. The returned tensors are on the CPU.
     """
+    check_ranking(ranking)
     sm = as_scaling_map(model)
     fv = factor_view(sm)
-    a = checked_gammas(fv).abs().cpu()
-    srt = torch.sort(a, stable=True)
-    return FilterRanking(order=srt.indices, abs_gamma=srt.values, factors=fv, scaling_map=sm)
+    a = checked_gammas(fv).abs()
+    scale = factor_scales(fv, ranking, a)
+    a, scale = a.cpu(), scale.cpu()
+    srt = torch.sort(a / scale, stable=True)
+    return FilterRanking(order=srt.indices, abs_gamma=a[srt.indices], factors=fv, scaling_map=sm,
+                         score=srt.values, scale=scale[srt.indices], ranking=ranking)
 
 
-def useless_mask(model: ModelOrMap, target_r: float = 0.3) -> torch.Tensor:
-    """Per-factor mask of the *useless* factors: the ``target_r`` fraction of smallest |gamma| (SPEC §1)."""
+def useless_mask(model: ModelOrMap, target_r: float = 0.3, ranking: str = "global") -> torch.Tensor:
+    """Per-factor mask of the *useless* factors: the ``target_r`` fraction with the smallest score."""
     check_target_r(target_r)
-    return smallest_mask(checked_gammas(factor_view(model)).abs(), target_r)
+    return smallest_mask(factor_scores(factor_view(model), ranking)[0], target_r)
 
 
-def remaining_mean(model: ModelOrMap, target_r: float = 0.3) -> float:
+def remaining_mean(model: ModelOrMap, target_r: float = 0.3, ranking: str = "global") -> float:
     """Mean |gamma| of the factors that are not useless (Fig. 3 (c) of the multistep paper)."""
-    g = checked_gammas(factor_view(model)).abs()
-    keep = ~smallest_mask(g, target_r)
+    fv = factor_view(model)
+    g = checked_gammas(fv).abs()
+    keep = ~smallest_mask(factor_scores(fv, ranking)[0], target_r)
     return float(g[keep].mean()) if bool(keep.any()) else 0.0
 
 
@@ -227,6 +304,9 @@ def gamma_values(obj: Union[ModelOrMap, torch.Tensor]) -> torch.Tensor:
 
 
 __all__ = [
+    "RANKINGS",
+    "factor_scores",
+    "factor_scales",
     "FilterRanking",
     "rank_filters",
     "useless_mask",

@@ -21,7 +21,17 @@ from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 
 # settings that must match for a re-run to resume into an existing --out
 _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
-             "msl", "teacher_update", "students", "at_weight", "max_batches")
+             "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "at_min_size", "step1_epochs")
+
+
+def lam_arg(text: str):
+    """``--lam``: ``auto`` or a number >= 0."""
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {text!r}") from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +46,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=d.method,
                    help=f"one of {', '.join(METHODS + tuple(SINGLE_RUN_METHODS))} (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per phase (default %(default)s)")
+    p.add_argument("--step1-epochs", type=int, default=None, help="epochs of step 1 (Data1 from scratch; default --epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
     p.add_argument("--subset", type=int, default=None, help="N training images per data part (quick runs)")
@@ -45,8 +56,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--target-r", type=float, default=d.target_r, help="Target_r of SST (default %(default)s)")
-    p.add_argument("--lam", type=float, default=d.lam, help="L1 strength lambda (default %(default)s)")
+    p.add_argument("--ranking", choices=["global", "per-norm"], default=d.ranking,
+                   help="how scaling factors of different norms are compared: global |gamma| (the paper) or "
+                        "|gamma| over its own norm's mean (default %(default)s)")
+    p.add_argument("--lam", type=lam_arg, default=d.lam,
+                   help="L1 strength of SST in ranking units, or 'auto': large enough to reach target_r zeros "
+                        "in the SST schedule (default %(default)s)")
+    p.add_argument("--lam-safety", type=float, default=d.lam_safety, help="margin of --lam auto (default %(default)s)")
     p.add_argument("--at-weight", type=float, default=d.at_weight, help="weight of the AT term of MSL (default %(default)s)")
+    p.add_argument("--at-min-size", type=int, default=d.at_min_size,
+                   help="attention transfer only on blocks whose map is at least this many pixels a side (default %(default)s)")
     p.add_argument("--no-msl", dest="msl", action="store_false", help="ablation: steps>=3 run SST with CE, no distillation")
     p.add_argument("--no-teacher-update", dest="teacher_update", action="store_false", help="ablation: fixed MSL teacher")
     p.add_argument("--students", type=int, choices=[1, 2], default=d.students, help="ablation: AOD students (default 2)")
@@ -67,8 +86,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     steps = args.steps if args.steps is not None else (2 if args.split == "single" else 4)
     return TrainConfig(
         model=args.model, data=args.data, data_root=args.data_root, download=args.download, split=args.split,
-        steps=steps, method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        steps=steps, method=args.method, epochs=args.epochs, step1_epochs=args.step1_epochs, batch_size=args.batch_size, lr=args.lr,
         subset=args.subset, target_r=args.target_r, lam=args.lam, at_weight=args.at_weight, msl=args.msl,
+        ranking=args.ranking, lam_safety=args.lam_safety, at_min_size=args.at_min_size,
         teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,
         channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress,
     )

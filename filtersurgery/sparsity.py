@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ranking import ModelOrMap, as_scaling_map, check_target_r, checked_gammas, factor_view, fraction_count, smallest_mask
+import warnings
+
+from .ranking import (ModelOrMap, as_scaling_map, check_ranking, check_target_r, checked_gammas, factor_scales,
+                      factor_view, fraction_count, smallest_mask)
 from .scaling_map import ScalingMap
 
 
@@ -52,11 +55,13 @@ class SparsityConfig:
     lam: float = 1e-4  # lambda of the L1 subgradient (network slimming's CIFAR value)
     selective: bool = True  # False: BST (network slimming), SP_r = 1 throughout
     e_cut_fraction: float = 1.0 / 3.0
-    zero_tol: Optional[float] = None  # "converged" |gamma|; None: 1e-2 * median |gamma| at start
+    zero_tol: Optional[float] = None  # "converged" score; None: 1e-2 * median score at start
+    ranking: str = "global"  # how factors of different norms are compared (ranking.RANKINGS)
 
     def validate(self) -> "SparsityConfig":
         """One-line ValueError naming the bad option and its allowed range; returns ``self``."""
         self.target_r = check_target_r(self.target_r)
+        check_ranking(self.ranking)
         if self.epochs is not None and (int(self.epochs) != self.epochs or self.epochs < 1):
             raise ValueError(f"epochs: must be None or an integer >= 1, got {self.epochs!r}")
         if not (self.lam >= 0.0 and self.lam < float("inf")):
@@ -75,11 +80,18 @@ class Sparsifier:
         sp_r: the current SP_r (eq. 2; 1 for BST; ``Target_r`` after the early switch).
         targets: per-*factor* boolean mask (global factor order of ``scaling_map.factors``;
             ``factors.locate(k)`` gives ``(norm, channel)``): the smallest ``SP_r`` fraction
-            by |gamma|, re-selected by :meth:`set_epoch`. A factor reached by several conv
+            by score, re-selected by :meth:`set_epoch`. A factor reached by several conv
             paths is one entry.
-        switched: True once the early switch of SPEC §1 fired (sticky); ``switch_epoch``
+        scales: per-factor norm scale fixed at construction (``ranking``: 1 for
+            ``"global"``, the mean |gamma| of the factor's norm for ``"per-norm"``); the score
+            of a factor is ``|gamma| / scale`` and the L1 push on it is ``lam * scale``, so
+            ``lam`` and ``zero_tol`` are in the ranking's units.
+        switched: True once the early switch fired (sticky); ``switch_epoch``
             is the epoch at whose start it fired (None if it has not).
-        zero_tol: |gamma| at or below which a factor counts as converged to 0.
+        zero_tol: score at or below which a factor counts as converged to 0.
+        n_converged_at_start: factors already converged when SST began (e.g. zero-initialised
+            norms under the global ranking); when they alone reach ``Target_r`` the early
+            switch fires at epoch 0 and a warning says so.
         history: one dict per :meth:`set_epoch` call (epoch, sp_r, n_targets, n_converged).
     """
 
@@ -89,7 +101,10 @@ class Sparsifier:
         self.factors = factor_view(scaling_map)
         g = checked_gammas(self.factors).abs()
         self.n = g.numel()
-        self.zero_tol = float(config.zero_tol) if config.zero_tol is not None else 1e-2 * float(g.median())
+        self.scales = factor_scales(self.factors, config.ranking, g)
+        scores = g / self.scales
+        self.zero_tol = float(config.zero_tol) if config.zero_tol is not None else 1e-2 * float(scores.median())
+        self.n_converged_at_start = int((scores <= self.zero_tol).sum())
         self._params: List[nn.Parameter] = list(self.factors.params)
         self._chan = [c.to(p.device) for p, c in zip(self._params, self.factors.channels)]
         self.epoch = 0
@@ -130,13 +145,20 @@ class Sparsifier:
             raise ValueError(f"epoch: must be an integer >= 0, got {epoch!r}")
         if total is not None and (int(total) != total or total < 1):
             raise ValueError(f"total: must be None or an integer >= 1, got {total!r}")
-        g = checked_gammas(self.factors).abs()  # NaN/Inf gammas: raise before any state changes
+        g = self.scores()  # NaN/Inf gammas: raise before any state changes
         if total is not None:
             self.total = int(total)
         self.epoch = int(epoch)
         n_conv = int((g <= self.zero_tol).sum())
-        if self.config.selective and not self.switched and n_conv >= fraction_count(self.target_r, self.n):
-            self.switched, self.switch_epoch = True, self.epoch  # SPEC §1 early switch: Target_r already ~0
+        k = fraction_count(self.target_r, self.n)
+        if self.config.selective and not self.switched and n_conv >= k:
+            self.switched, self.switch_epoch = True, self.epoch  # early switch: Target_r already ~0
+            if self.n_converged_at_start >= k:
+                warnings.warn(
+                    f"sparsify: early switch at epoch {self.epoch}: {self.n_converged_at_start} of {self.n} factors "
+                    f"were already <= zero_tol before SST began (zero-initialised or untrained norms?), so SST "
+                    f"creates no useless filters of its own; ranking='per-norm' compares each factor with its own norm",
+                    stacklevel=2)
         self.sp_r = self.target_r if self.switched else self.scheduled_sp_r(self.epoch)
         self._select(smallest_mask(g, self.sp_r))
         self.history.append(
@@ -144,16 +166,22 @@ class Sparsifier:
         )
         return self.sp_r
 
+    def scores(self) -> torch.Tensor:
+        """Every factor's score ``|gamma| / scale`` now (ranking units; NaN/Inf raise)."""
+        g = checked_gammas(self.factors).abs()
+        return g / self.scales.to(g.device)
+
     def _select(self, targets: torch.Tensor) -> None:
-        """Cache ``lam * mask`` per norm weight that holds at least one target."""
+        """Cache ``lam * scale * mask`` per norm weight that holds at least one target."""
         self.targets = targets.cpu()
         self._active, self._masks = [], []
+        push = (self.config.lam * self.scales).cpu()
         for i, (p, off, c) in enumerate(zip(self._params, self.factors.offsets, self._chan)):
             t = self.targets[off : off + c.numel()]
             if not bool(t.any()):
                 continue
             m = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            m[c[t.to(c.device)]] = self.config.lam
+            m[c[t.to(c.device)]] = push[off : off + c.numel()][t].to(device=p.device, dtype=p.dtype)
             self._active.append(i)
             self._masks.append(m)
         self._active_params = [self._params[i] for i in self._active]
@@ -183,12 +211,16 @@ class Sparsifier:
 
     # --------------------------------------------------------------- results
     def useless(self) -> torch.Tensor:
-        """Per-factor mask of the ``Target_r`` fraction with the smallest |gamma| now (SPEC §1)."""
-        return smallest_mask(checked_gammas(self.factors).abs(), self.target_r)
+        """Per-factor mask of the ``Target_r`` fraction with the smallest score now."""
+        return smallest_mask(self.scores(), self.target_r)
 
     def converged(self) -> torch.Tensor:
-        """Per-factor mask of |gamma| <= ``zero_tol``."""
-        return checked_gammas(self.factors).abs() <= self.zero_tol
+        """Per-factor mask of score <= ``zero_tol``."""
+        return self.scores() <= self.zero_tol
+
+    def zero_fraction(self) -> float:
+        """Fraction of the factors at or below ``zero_tol`` now (SST's goal: >= ``Target_r``)."""
+        return float(self.converged().float().mean())
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> Dict[str, Any]:
@@ -200,6 +232,8 @@ class Sparsifier:
             "total": self.total,
             "switched": self.switched,
             "switch_epoch": self.switch_epoch,
+            "scales": self.scales.detach().cpu().clone(),
+            "n_converged_at_start": self.n_converged_at_start,
             "sp_r": self.sp_r,
             "targets": self.targets.clone(),
             "history": list(self.history),
@@ -211,6 +245,9 @@ class Sparsifier:
         if tg.numel() != self.n:
             raise ValueError(f"state: targets has {tg.numel()} factors, this model has {self.n}")
         self.config = SparsityConfig(**state["config"]).validate()
+        if "scales" in state:  # the scales of SST's start, not of the gammas now
+            self.scales = state["scales"].to(self.scales.device, self.scales.dtype)
+        self.n_converged_at_start = int(state.get("n_converged_at_start", self.n_converged_at_start))
         self.zero_tol = float(state["zero_tol"])
         self.epoch = int(state["epoch"])
         self.total = state["total"]
@@ -224,7 +261,8 @@ class Sparsifier:
         kind = "SST" if self.config.selective else "BST"
         return (
             f"Sparsifier({kind}, target_r={self.target_r}, sp_r={self.sp_r:.3f}, epoch={self.epoch}, "
-            f"targets={int(self.targets.sum())}/{self.n}, lam={self.config.lam}, switched={self.switched})"
+            f"targets={int(self.targets.sum())}/{self.n}, lam={self.config.lam:.4g}, ranking={self.config.ranking!r}, "
+            f"switched={self.switched})"
         )
 
 
@@ -295,27 +333,33 @@ def sparsify(
     optimizer: Optional[torch.optim.Optimizer] = None,
     loss_fn: Optional[Callable] = None,
     device=None,
+    ranking: str = "global",
 ) -> Sparsifier:
-    """Selective sparsity training (multistep paper III-B, eq. 1-3; SPEC §1).
+    """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md).
 
     Args:
         model: a model (traced with :func:`filtersurgery.trace`) or a ScalingMap.
         target_r: Target_r in (0, 1): the final fraction of factors driven to 0.
         epochs: E_max for the SP_r schedule; None: SP_r = Target_r from the start
             (or pass ``total`` to :meth:`Sparsifier.set_epoch`). Required with ``loader``.
-        lam: lambda of the L1 subgradient (default 1e-4).
+        lam: lambda of the L1 subgradient (default 1e-4), in the units of ``ranking``;
+            :func:`lam_for_budget` gives the lambda that can reach ``target_r`` zeros in a
+            given schedule.
         selective: False gives BST (network slimming: SP_r = 1 throughout).
         e_cut_fraction: E_cut / E_max (eq. 3: 1/3).
-        zero_tol: |gamma| counted as converged for the early switch; default
-            1e-2 * median |gamma| at the start.
+        zero_tol: score counted as converged for the early switch; default
+            1e-2 * median score at the start.
         loader, optimizer, loss_fn, device: with a ``loader`` the SST training loop runs
             here (:func:`train_sparse`) and the trained Sparsifier is returned.
+        ranking: ``"global"`` (the paper: |gamma| across all norms) or ``"per-norm"`` (|gamma|
+            over the mean |gamma| of its own norm at the start; the L1 push on a factor is
+            ``lam`` times that scale).
 
     Returns:
         a :class:`Sparsifier` (already at epoch 0).
     """
     sm = as_scaling_map(model)
-    cfg = SparsityConfig(target_r, epochs, lam, selective, e_cut_fraction, zero_tol)
+    cfg = SparsityConfig(target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking)
     sp = Sparsifier(sm, cfg)
     if loader is not None:
         if epochs is None:
@@ -325,4 +369,30 @@ def sparsify(
     return sp
 
 
-__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse"]
+def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, momentum: float = 0.9,
+                   safety: float = 2.0, ranking: str = "global") -> float:
+    """The ``lam="auto"`` rule: the lambda whose L1 push can carry the ``Target_r`` quantile to 0.
+
+    Under SGD with momentum ``mu`` and a cosine schedule from ``lr`` over ``steps`` steps, a
+    constant subgradient ``lam`` moves a factor by ``D = lam * lr * steps / (2 * (1 - mu))``
+    (the cosine averages to ``lr / 2``; momentum multiplies a constant gradient by
+    ``1 / (1 - mu)``). The rule asks ``D = safety * q`` with ``q`` the score at the
+    ``target_r`` quantile now (the largest score the final targets start from), so
+    ``lam = 2 * safety * q * (1 - mu) / (lr * steps)``. ``safety`` (default 2) covers the
+    cross-entropy gradient that pushes back and the ramp of SP_r. The result is in the
+    units of ``ranking`` (the Sparsifier multiplies it by each factor's norm scale).
+    """
+    target_r = check_target_r(target_r)
+    check_ranking(ranking)
+    for name, v, ok in (("lr", lr, lr > 0), ("steps", steps, steps >= 1), ("momentum", momentum, 0 <= momentum < 1),
+                        ("safety", safety, safety > 0)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and ok):
+            raise ValueError(f"{name}: out of range, got {v!r} (lr > 0, steps >= 1, 0 <= momentum < 1, safety > 0)")
+    fv = factor_view(model)
+    g = checked_gammas(fv).abs()
+    scores = g / factor_scales(fv, ranking, g)
+    q = float(torch.quantile(scores.double().cpu(), target_r))
+    return 2.0 * safety * q * (1.0 - momentum) / (lr * steps)
+
+
+__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse", "lam_for_budget"]

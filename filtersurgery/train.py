@@ -28,20 +28,22 @@ import json
 import math
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import augment, checkpoint, losses
-from .blockfeats import blocks as find_blocks, capture_blocks
+from .blockfeats import capture_blocks, spatial_blocks
 from .data import BatchLoader, ImageData, load_dataset, split_parts
 from .models import build_model
 from .reinit import rescale
-from .sparsity import sparsify
+from .ranking import RANKINGS
+from .sparsity import lam_for_budget, sparsify
 
 METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint")
 # single-run methods (one entry in metrics.json) and the module that implements each; such a
@@ -71,6 +73,7 @@ class TrainConfig:
     steps: int = 4
     method: str = "framework"
     epochs: int = 30  # per phase (SST and AOD each get it)
+    step1_epochs: Optional[int] = None  # step 1 (Data1 from scratch); None: ``epochs``
     batch_size: int = 256
     lr: Optional[float] = None  # new-data lr: finetune/AOD/DML/LwM (default 1e-3)
     scratch_lr: float = 0.1  # step 1 and joint
@@ -81,16 +84,22 @@ class TrainConfig:
     val_fraction: float = 0.1
     # SST / Dri / AOD / MSL
     target_r: float = 0.3
-    lam: float = 1e-4
+    ranking: str = "per-norm"  # how factors of different norms compare: "global" (paper) | "per-norm"
+    lam: Union[float, str] = "auto"  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
+    lam_safety: float = 2.0  # the "auto" rule's margin
     e_cut_fraction: float = 1.0 / 3.0
     dri_I: Tuple[float, float] = (0.1, 0.2)
     alpha: float = 0.5
     kd_temperature: float = 1.0
     at_weight: float = 1e3
+    at_min_size: int = 4  # AT only on blocks whose map is at least this many pixels on each side
     # ablation switches (framework only)
     msl: bool = True  # False: steps >= 3 run SST with CE on current data
+    msl_ce: bool = False  # True: MSL adds CE on the current data's labels to KL + AT (beyond the paper)
     teacher_update: bool = True
     students: int = 2  # 1: AOD with one student (CE + alpha * L_CR)
+    sst: bool = True  # False: no SST phase; Dri re-draws the smallest factors of the incoming model
+    dri: bool = True  # False: the AOD students start as exact copies (no re-drawn factors)
     # LwM
     lwm_beta: float = 1.0
     lwm_gamma: float = 1.0
@@ -120,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"steps: --split single means exactly 2 steps (1:1), got {self.steps}")
         if self.epochs <= 0:
             raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.step1_epochs is not None and self.step1_epochs <= 0:
+            raise ValueError(f"step1_epochs: must be None or >= 1, got {self.step1_epochs}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if not 0.0 < self.target_r < 1.0:
@@ -135,8 +146,14 @@ class TrainConfig:
             raise ValueError(f"students: must be 1 or 2, got {self.students}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam: must be a finite number >= 0, got {self.lam}")
+        if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam: must be 'auto' or a finite number >= 0, got {self.lam!r}")
+        if not (math.isfinite(self.lam_safety) and self.lam_safety > 0):
+            raise ValueError(f"lam_safety: must be a finite number > 0, got {self.lam_safety}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking: must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
+        if not (isinstance(self.at_min_size, int) and self.at_min_size >= 1):
+            raise ValueError(f"at_min_size: must be an int >= 1, got {self.at_min_size!r}")
         if not (math.isfinite(self.state_every) and self.state_every >= 0):
             raise ValueError(f"state_every: must be a finite number of seconds >= 0, got {self.state_every}")
         if self.max_batches is not None and self.max_batches < 1:
@@ -265,7 +282,7 @@ def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
     """The phases of step ``step`` (1-based) for ``cfg.method`` (module docstring)."""
     E, k = cfg.epochs, step - 1
     if step == 1:
-        return [Phase("scratch", "scratch", [0], cfg.scratch_lr, E)]
+        return [Phase("scratch", "scratch", [0], cfg.scratch_lr, cfg.step1_epochs or E)]
     m = cfg.method
     if m == "joint":
         return [Phase("joint", "scratch", list(range(step)), cfg.scratch_lr, E)]
@@ -276,13 +293,16 @@ def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
     if m == "lwm":
         return [Phase("lwm", "lwm", [k], cfg.new_lr, E)]
     selective = m != "bst"
+    aod = Phase("aod", "aod", [k], cfg.new_lr, E)
+    if not cfg.sst:
+        return [aod]
     if step == 2:
         sst = Phase("sst", "sst", [0], cfg.sst_lr, E, selective)
     elif cfg.msl:
         sst = Phase("sst", "sst_msl", [k], cfg.sst_lr, E, selective)
     else:
         sst = Phase("sst", "sst", [k], cfg.sst_lr, E, selective)
-    return [sst, Phase("aod", "aod", [k], cfg.new_lr, E)]
+    return [sst, aod]
 
 
 def phase_flops(phase: Phase, fwd: int, n_images: int, students: int) -> int:
@@ -334,7 +354,13 @@ class Run:
             x, y = self.data.test_x, self.data.test_y
         else:
             x, y = self.part_xy(parts, "val")
-        return evaluate(model, x, y, self.data, self.device, amp=self.amp)
+        return evaluate(model, x, y, self.data, self.device, amp=None)  # fp32: it decides (student, teacher)
+
+    def example(self, parts: Sequence[int], n: int = 2) -> torch.Tensor:
+        """``n`` normalized validation images of ``parts`` on the device (for probing block sizes)."""
+        x = self.part_xy(parts, "val")[0][:n].to(self.device)
+        cl = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        return augment.normalize(x, self.data.mean, self.data.std, memory_format=cl)
 
     def log_epoch(self, row: Dict) -> None:
         """Append ``row`` to ``out/epochs.csv`` (rank 0 only; the header of an existing file is kept)."""
@@ -357,6 +383,12 @@ def _sgd(params, lr, cfg: TrainConfig):
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def phase_seed(seed: int, step: int, name: str, salt: str = "") -> int:
+    """A seed for one phase of one step: the run's seed, the step and a hash (CRC-32) of the
+    phase's name, so phases of one step (``sst``, ``aod``) get different streams."""
+    return (seed * 1_000_003 + step * 7919 + zlib.crc32(f"{salt}{name}".encode())) % (2**63)
+
+
 def _seed_everything(seed: int, device: torch.device) -> torch.Generator:
     """Seed torch's global RNGs and return the augmentation generator (on ``device``: no host sync)."""
     torch.manual_seed(seed)
@@ -377,9 +409,9 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
 
     x_tr, y_tr = run.part_xy(phase.parts, "train")
     world = dist_info()[1]  # under torchrun each rank takes its share of every epoch (BatchLoader)
-    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=run.seed * 1000 + step,
-                         drop_last=len(y_tr) > cfg.batch_size * world)
-    gen = _seed_everything(run.seed * 7919 + step * 31 + len(phase.name), dev)
+    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev,
+                         seed=phase_seed(run.seed, step, phase.name, "order:"), drop_last=len(y_tr) > cfg.batch_size * world)
+    gen = _seed_everything(phase_seed(run.seed, step, phase.name), dev)
 
     # ---- set up the trained model(s) and what the loss needs
     teacher = None
@@ -396,8 +428,9 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         students = []
         for i in range(cfg.students):
             s = copy.deepcopy(model)
-            g = torch.Generator(device="cpu").manual_seed(run.seed * 100 + step * 10 + i)
-            rescale(s, target_r=cfg.target_r, I=cfg.dri_I[i], generator=g)
+            if cfg.dri:
+                g = torch.Generator(device="cpu").manual_seed(run.seed * 100 + step * 10 + i)
+                rescale(s, target_r=cfg.target_r, I=cfg.dri_I[i], generator=g, ranking=cfg.ranking)
             students.append(s)
     elif phase.kind == "dml":
         students = [copy.deepcopy(model), copy.deepcopy(model)]
@@ -414,15 +447,21 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         frozen = classifier_params(students[0])
         for p in frozen:
             p.requires_grad_(False)
+    steps_per_epoch = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
     if phase.kind in ("sst", "sst_msl"):
-        sp = sparsify(students[0], target_r=cfg.target_r, epochs=phase.epochs, lam=cfg.lam,
-                      selective=phase.selective, e_cut_fraction=cfg.e_cut_fraction)
-    block_names = find_blocks(students[0]) if phase.kind == "sst_msl" else None
-    last_block = find_blocks(students[0])[-1:] if phase.kind == "lwm" else None
+        lam = cfg.lam if cfg.lam != "auto" else lam_for_budget(
+            students[0], cfg.target_r, phase.lr, phase.epochs * max(1, steps_per_epoch), cfg.momentum,
+            cfg.lam_safety, cfg.ranking)
+        sp = sparsify(students[0], target_r=cfg.target_r, epochs=phase.epochs, lam=lam, selective=phase.selective,
+                      e_cut_fraction=cfg.e_cut_fraction, ranking=cfg.ranking)
+    # distillation on the blocks whose maps carry spatial information (a 1x1 map has none)
+    block_names = (spatial_blocks(students[0], run.example(phase.parts), cfg.at_min_size, arg="at_min_size")
+                   if phase.kind == "sst_msl" else None)
+    last_block = (spatial_blocks(students[0], run.example(phase.parts), 2, arg="lwm block (map larger than 1x1)")[-1:]
+                  if phase.kind == "lwm" else None)
 
     params = [p for s in students for p in s.parameters() if p.requires_grad]
     opt = _sgd(params, phase.lr, cfg)
-    steps_per_epoch = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs * max(1, steps_per_epoch))
     scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
     teacher_val = run.acc(teacher, phase.parts) if (teacher is not None and phase.kind == "sst_msl") else None
@@ -489,6 +528,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
             row[f"val_acc{i}"] = round(v, 3)
         if sp is not None:
             row["sp_r"] = round(float(sp.sp_r), 4)
+            row["zero_frac"] = round(sp.zero_fraction(), 4)  # SST's goal: >= target_r
         if teacher is not None and phase.kind == "sst_msl" and cfg.teacher_update and vals[0] > teacher_val:
             teacher.load_state_dict(students[0].state_dict())  # SPEC §4 teacher update
             teacher_val = vals[0]
@@ -556,7 +596,8 @@ def _ddp_wrap(students: List[nn.Module], device: torch.device) -> List[nn.Module
     return [DDP(s, device_ids=ids) for s in students]
 
 
-_CSV_FIELDS = ["step", "phase", "epoch", "lr", "train_loss", "val_acc0", "val_acc1", "sp_r", "teacher_updated", "seconds"]
+_CSV_FIELDS = ["step", "phase", "epoch", "lr", "train_loss", "val_acc0", "val_acc1", "sp_r", "zero_frac",
+               "teacher_updated", "seconds"]
 
 
 def _progress(it, desc: str, total: int, enable: bool):
@@ -590,8 +631,9 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
             return F.cross_entropy(students[0](x).float(), yb)
         if phase.kind == "scratch2":
             return sum(F.cross_entropy(s(x).float(), yb) for s in students)
-        if phase.kind == "dml":
-            a, b = students[0](x), students[1](x)
+        if phase.kind == "dml":  # each student sees its own augmentation draw (Zhang et al.)
+            x2 = norm(augment.random_crop_flip(xb, generator=gen)).contiguous(memory_format=cl)
+            a, b = students[0](x), students[1](x2)
             return losses.dml_loss(a, b, yb) + losses.dml_loss(b, a, yb)
         if phase.kind == "sst_msl":
             with torch.no_grad(), capture_blocks(teacher, block_names) as tf:
@@ -600,8 +642,9 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
             with capture_blocks(students[0], block_names) as sf:
                 s_logits = students[0](x)
                 s_feats = [sf[n].float() for n in block_names]
-            return losses.msl_loss(t_logits.float(), s_logits.float(), t_feats, s_feats,
+            loss = losses.msl_loss(t_logits.float(), s_logits.float(), t_feats, s_feats,
                                    at_weight=cfg.at_weight, T=cfg.kd_temperature)
+            return loss + F.cross_entropy(s_logits.float(), yb) if cfg.msl_ce else loss
         if phase.kind == "lwm":
             # the teacher is frozen: its Grad-CAM needs a graph, so the input carries the grad
             with capture_blocks(teacher, last_block) as tf:

@@ -1,0 +1,227 @@
+"""The framework on real backbones: per-norm ranking, Dri mapped back to each norm, the SST
+budget (lam="auto"), attention transfer and LwM on spatial blocks, DML that diverges,
+per-phase seeds and fp32 decisions. Every operation is checked on a *trained* timm model
+(timm zero-initialises the last BN of each residual branch, so its norms do not share one
+scale) as well as where a fresh one matters."""
+import copy
+import csv
+import warnings
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import filtersurgery as fs
+from filtersurgery import augment, losses, train
+from filtersurgery.blockfeats import block_sizes, spatial_blocks
+from filtersurgery.data import load_dataset
+from filtersurgery.ranking import factor_scores, rank_filters, useless_mask
+from filtersurgery.sparsity import lam_for_budget, sparsify
+from filtersurgery.train import Phase, Run, TrainConfig, phase_seed, run_phase
+
+
+def _train(model, steps=25, size=28, lr=0.05, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x = torch.randn(32, 1, size, size)
+    y = torch.randint(0, 10, (32,))
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_timm():
+    """timm resnet10t (zero_init_last=True), 1 input channel, trained a little: its last-BN
+    gammas moved off 0 but stay far below the other norms'."""
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    return _train(m, steps=25)
+
+
+def _kinds(sm, mask):
+    fv = sm.factors
+    return Counter(fv.locate(int(k))[0].rsplit(".", 1)[-1] for k in torch.nonzero(mask).flatten())
+
+
+def test_global_ranking_only_finds_zero_initialised_norms(trained_timm):
+    sm = fs.trace(trained_timm)
+    g = _kinds(sm, useless_mask(sm, 0.3, ranking="global"))
+    p = _kinds(sm, useless_mask(sm, 0.3, ranking="per-norm"))
+    assert set(g) == {"bn2"}  # the paper's rule: timm's zero-initialised channels, nothing else
+    assert len(p) >= 2 and p["bn2"] < sum(g.values())  # per-norm: spread over the norms
+
+
+def test_per_norm_scores_are_relative_to_own_norm(trained_timm):
+    sm = fs.trace(trained_timm)
+    fv = sm.factors
+    score, scale = factor_scores(fv, "per-norm")
+    g = fv.gammas().abs()
+    assert torch.allclose(score * scale, g, rtol=1e-5, atol=1e-12)
+    for i, (p, c, off) in enumerate(zip(fv.params, fv.channels, fv.offsets)):
+        s = score[off: off + c.numel()]
+        assert abs(float(s.mean()) - 1.0) < 1e-4  # mean score of every norm is 1
+    rk = rank_filters(sm, "per-norm")
+    assert torch.all(rk.score[1:] >= rk.score[:-1]) and rk.ranking == "per-norm"
+    assert len(repr(rk)) < 200
+
+
+@pytest.mark.parametrize("ranking", ["global", "per-norm"])
+def test_dri_maps_the_drawn_value_back_to_the_own_norm(trained_timm, ranking):
+    model = copy.deepcopy(trained_timm)
+    mods = dict(model.named_modules())
+    before = {n: m.weight.detach().abs().max().item() for n, m in mods.items() if isinstance(m, torch.nn.BatchNorm2d)}
+    rep = fs.rescale(model, 0.3, 0.1, generator=torch.Generator().manual_seed(0), ranking=ranking)
+    lift = max(float(rep.new[i]) / before[n] for i, (n, _) in enumerate(rep.locations))
+    if ranking == "global":
+        assert lift > 5  # the paper's rule lifts zero-initialised channels far above their own layer
+    else:
+        assert lift < 2.0  # in per-norm units the new gamma stays within its norm's range
+        assert rep.range[0] > 0.5 and rep.range[1] < 5  # R in units of the norm mean
+    assert len(repr(rep)) < 200
+
+
+def test_rescale_warns_on_a_degenerate_range():
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1, zero_init_last=False)  # untrained: all gammas 1
+    with pytest.warns(UserWarning, match="degenerate"):
+        fs.rescale(m, 0.3, 0.1, ranking="global")
+
+
+def test_early_switch_at_epoch0_says_so_on_untrained_zero_init():
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1)  # bn2 gammas exactly 0
+    with pytest.warns(UserWarning, match="already <= zero_tol before SST"):
+        sp = sparsify(m, target_r=0.3, epochs=10, ranking="global")
+    assert sp.switched and sp.switch_epoch == 0
+
+
+def test_early_switch_does_not_fire_at_epoch0_on_trained_timm_per_norm(trained_timm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp = sparsify(copy.deepcopy(trained_timm), target_r=0.3, epochs=10, ranking="per-norm")
+    assert not sp.switched and sp.zero_fraction() < 0.3
+
+
+def test_per_norm_l1_push_is_lam_times_norm_scale(trained_timm):
+    model = copy.deepcopy(trained_timm)
+    sp = sparsify(model, target_r=0.3, epochs=None, lam=1e-2, ranking="per-norm")
+    for p in sp.factors.params:
+        p.grad = torch.zeros_like(p)
+    sp.step()
+    fv = sp.factors
+    grads = torch.cat([p.grad[c] for p, c in zip(fv.params, fv.channels)])
+    expected = torch.where(sp.targets, 1e-2 * sp.scales * torch.sign(fv.gammas()), torch.zeros(()))
+    assert torch.allclose(grads, expected, atol=1e-9)
+
+
+def test_lam_for_budget_formula(trained_timm):
+    sm = fs.trace(trained_timm)
+    score, _ = factor_scores(sm.factors, "per-norm")
+    q = float(torch.quantile(score.double(), 0.3))
+    lam = lam_for_budget(sm, 0.3, lr=0.1, steps=500, momentum=0.9, safety=2.0, ranking="per-norm")
+    assert lam == pytest.approx(2 * 2.0 * q * 0.1 / (0.1 * 500))
+    with pytest.raises(ValueError, match="^lr: "):
+        lam_for_budget(sm, 0.3, lr=0.0, steps=10)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_dataset("demo", subset_test=200)
+
+
+def test_auto_lam_sst_reaches_target_r_zeros_and_logs_it(tmp_path, demo):
+    """The SST budget does what SST is for: >= Target_r of the factors at or below zero_tol."""
+    cfg = TrainConfig(model="cifar:resnet8", method="framework", steps=2, epochs=4, subset=512, batch_size=64,
+                      device="cpu", progress=False, lam="auto", ranking="per-norm")
+    run = Run(cfg, 0, tmp_path, demo)
+    run.work.mkdir(parents=True)
+    model = run_phase(run, 1, Phase("scratch", "scratch", [0], 0.1, 3), run.new_model())
+    run_phase(run, 2, Phase("sst", "sst", [0], 0.1, 4), model)
+    rows = list(csv.DictReader(open(tmp_path / "epochs.csv")))
+    sst = [r for r in rows if r["phase"] == "sst"]
+    assert float(sst[-1]["zero_frac"]) >= 0.3
+    assert float(sst[0]["zero_frac"]) < 0.3  # it was SST that made them
+
+
+def test_spatial_blocks_skip_maps_without_spatial_information():
+    m = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    x = torch.randn(2, 1, 28, 28)
+    sizes = block_sizes(m, x)
+    assert [hw for hw in sizes.values()] == [(7, 7), (4, 4), (2, 2), (1, 1)]
+    assert spatial_blocks(m, x, 4) == ["layer1", "layer2"]
+    assert spatial_blocks(m, x, 2)[-1] == "layer3"  # LwM's Grad-CAM block: the last map larger than 1x1
+    with pytest.raises(ValueError, match=r"^at_min_size: no block has a map of at least 8x8") as e:
+        spatial_blocks(m, x, 8, arg="at_min_size")
+    assert "\n" not in str(e.value) and "layer4 1x1" in str(e.value)
+    assert m.training  # mode restored
+
+
+def test_at_on_a_1x1_map_has_no_gradient_and_on_4x4_it_has():
+    t = torch.randn(8, 16, 1, 1)
+    s = torch.randn(8, 16, 1, 1, requires_grad=True)
+    losses.at_loss([t], [s]).backward()
+    assert float(s.grad.abs().max()) == 0.0
+    t4, s4 = torch.randn(8, 16, 4, 4), torch.randn(8, 16, 4, 4, requires_grad=True)
+    losses.at_loss([t4], [s4]).backward()
+    assert float(s4.grad.abs().max()) > 0.0
+
+
+def test_dml_students_diverge_and_kl_has_a_gradient(tmp_path, demo):
+    cfg = TrainConfig(model="cifar:resnet8", method="dml", steps=2, epochs=1, subset=128, batch_size=32,
+                      device="cpu", progress=False, max_batches=3)
+    run = Run(cfg, 0, tmp_path, demo)
+    run.work.mkdir(parents=True)
+    start = run.new_model()
+    xb, yb = run.part_xy([1], "train")
+    xb, yb = xb[:32], yb[:32]
+    students = [copy.deepcopy(start), copy.deepcopy(start)]
+    gen = torch.Generator().manual_seed(0)
+    loss = train._batch_loss(run, Phase("dml", "dml", [1], 1e-3, 1), students, None, xb, yb, gen, None, None)
+    loss.backward()
+    # the KL term alone: the peer's prediction on its own view differs, so the gradient is non-zero
+    x1 = augment.normalize(augment.random_crop_flip(xb, generator=torch.Generator().manual_seed(1)),
+                              demo.mean, demo.std)
+    x2 = augment.normalize(augment.random_crop_flip(xb, generator=torch.Generator().manual_seed(2)),
+                              demo.mean, demo.std)
+    a = students[0](x1)
+    kl = losses.kl_div(students[1](x2), a)
+    g = torch.autograd.grad(kl, a)[0]
+    assert float(g.abs().max()) > 0
+    out = run_phase(run, 2, Phase("dml", "dml", [1], 1e-2, 1), start)
+    assert out is not None
+    # after a phase the two students are different networks (own augmentation draws)
+    st = torch.load(run.work / train.STATE_FILE, weights_only=False)["model"]
+    diffs = [float((st[f"s0.{k}"].float() - st[f"s1.{k}"].float()).abs().max())
+             for k in start.state_dict() if f"s0.{k}" in st and st[f"s0.{k}"].is_floating_point()]
+    assert max(diffs) > 1e-4
+
+
+def test_phase_seeds_differ_between_phases_of_a_step():
+    assert phase_seed(0, 2, "sst") != phase_seed(0, 2, "aod")
+    assert phase_seed(0, 2, "sst") == phase_seed(0, 2, "sst")
+    assert phase_seed(0, 2, "sst", "order:") != phase_seed(0, 2, "sst")
+
+
+def test_decisions_are_evaluated_in_fp32(tmp_path, demo, monkeypatch):
+    cfg = TrainConfig(model="cifar:resnet8", steps=2, epochs=1, subset=64, device="cpu", amp="bf16", progress=False)
+    run = Run(cfg, 0, tmp_path, demo)
+    seen = []
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: seen.append(k.get("amp")) or 50.0)
+    run.acc(run.new_model(), [0])
+    run.acc(run.new_model())
+    assert run.amp is torch.bfloat16 and seen == [None, None]
+
+
+def test_config_validates_new_options():
+    for bad, msg in ((dict(ranking="local"), "^ranking: "), (dict(lam="often"), "^lam: "),
+                     (dict(at_min_size=0), "^at_min_size: "), (dict(lam_safety=0.0), "^lam_safety: "),
+                     (dict(step1_epochs=0), "^step1_epochs: ")):
+        with pytest.raises(ValueError, match=msg):
+            replace(TrainConfig(), **bad).validate()
