@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ranking import ModelOrMap, as_scaling_map, check_target_r, checked_gammas, factor_view, fraction_count, smallest_mask
-from .scaling_map import ScalingMap
+from .scaling_map import ScalingMap, check_trainable
 
 
 def sp_ratio(epoch: int, target_r: float, e_cut: float) -> float:
@@ -87,6 +87,7 @@ class Sparsifier:
         self.config = config.validate()
         self.scaling_map = scaling_map
         self.factors = factor_view(scaling_map)
+        check_trainable(scaling_map, "sparsify")  # frozen gammas get no gradient: refuse, name the fix
         g = checked_gammas(self.factors).abs()
         self.n = g.numel()
         self.zero_tol = float(config.zero_tol) if config.zero_tol is not None else 1e-2 * float(g.median())

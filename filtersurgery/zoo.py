@@ -204,13 +204,21 @@ def _inspect_json(sm: ScalingMap, source: str, name: str) -> dict:
 
 def _table(sm: ScalingMap) -> str:
     rows = [("conv", "out", "groups", "scaled by (norm@offset) / reason")]
+    frozen = set(sm.frozen_norms)
     for e in sm:
         what = ", ".join(
-            f"{r.norm}@{r.offset}" + (f"[{r.first}:{r.first + r.count}]" if r.count is not None else "") for r in e.scaled_by
+            f"{r.norm}@{r.offset}" + (f"[{r.first}:{r.first + r.count}]" if r.count is not None else "")
+            + (" (frozen)" if r.norm in frozen else "") for r in e.scaled_by
         ) if e.mapped else f"- {e.reason}"
         rows.append((e.name, str(e.out_channels), str(e.groups), what))
     w0 = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:>5}  {c:>6}  {d}" for a, b, c, d in rows)
+
+
+def _frozen_note(sm: ScalingMap) -> str:
+    """`` (N frozen)`` when some scaling factors are frozen norms' buffers, else empty."""
+    n = sm.factors.n_frozen
+    return f" ({n} frozen: filtersurgery.unfreeze_norms makes them trainable)" if n else ""
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -222,7 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_table(sm))
     print(
         f"\n{source}:{name}: {len(sm)} convs, {len(sm.mapped)} mapped, {len(sm.unscaled)} unscaled, "
-        f"{sm.factors.numel} scaling factors, coverage {sm.coverage:.1%}, traced in {sm.trace_seconds:.2f}s "
+        f"{sm.factors.numel} scaling factors{_frozen_note(sm)}, coverage {sm.coverage:.1%}, traced in {sm.trace_seconds:.2f}s "
         f"(input {tuple(sm.input_size) if sm.input_size else '?'})"
     )
     return 0

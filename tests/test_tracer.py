@@ -259,7 +259,8 @@ def test_frozen_and_non_affine_norms():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False),
                       nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     sm = trace(m, torch.randn(1, 3, 8, 8))
-    assert sm.unscaled["0"] == "frozen norm (FrozenBatchNorm2d) has no trainable weight"
+    assert refs(sm, "0") == [("1", 0)] and sm.frozen_norms == ["1"]  # mapped, marked frozen
+    assert sm.factors.frozen == [True, False] and sm.factors.n_frozen == 4
     assert sm.unscaled["2"] == "norm has no affine weight"
     assert refs(sm, "4") == [("5", 0)]
     assert sm.coverage == 1.0
