@@ -170,15 +170,17 @@ class ScalingMap:
         return [(r.norm, r.offset + c) for r in e.scaled_by if r.covers(c, e.out_channels)]
 
     @property
-    def coverage(self) -> float:
+    def coverage(self) -> Optional[float]:
         """Mapped convs / convs that have an affine per-channel norm downstream (docs/tracer.md).
 
         A conv counts in the denominator unless it is unscaled for a *structural* reason
         (``is_structural(reason)``): no per-channel path from it reaches an affine norm.
         Unscaled convs with other reasons (unsupported ops, not executed) are tracer misses.
+        ``None`` ("n/a", JSON ``null``) when nothing is mappable: no conv has such a norm
+        downstream (a model without norms, such as SqueezeNet or an NF-Net, or without convs).
         """
         denom = sum(1 for e in self.convs.values() if e.mapped or not is_structural(e.reason))
-        return 1.0 if denom == 0 else len(self.mapped) / denom
+        return None if denom == 0 else len(self.mapped) / denom
 
     # ----------------------------------------------------------- factor view
     @property
@@ -238,7 +240,7 @@ class ScalingMap:
     def __repr__(self) -> str:
         return (
             f"ScalingMap(convs={len(self.convs)}, mapped={len(self.mapped)}, "
-            f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={self.coverage:.3f})"
+            f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={format_coverage(self.coverage, '.3f')})"
         )
 
 
@@ -251,6 +253,11 @@ def _ref_json(r: NormRef, frozen: bool = False) -> dict:
     if frozen:
         d["frozen"] = True
     return d
+
+
+def format_coverage(coverage: Optional[float], spec: str = ".1%") -> str:
+    """``coverage`` formatted with ``spec``, or ``"n/a"`` when it is None (nothing mappable)."""
+    return "n/a" if coverage is None else format(coverage, spec)
 
 
 def is_trainable_weight(w) -> bool:

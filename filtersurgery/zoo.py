@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .models import SOURCES, build_model, list_cnns, parse_spec
-from .scaling_map import ScalingMap, channel_dim, is_structural
+from .scaling_map import ScalingMap, channel_dim, format_coverage, is_structural
 from .tracer import reduced_input_size, default_input_size, trace
 
 __all__ = ["verify", "VerifyResult", "inspect_model", "add_parsers"]
@@ -192,12 +192,17 @@ def inspect_model(spec: str, input_size: Optional[Sequence[int]] = None, meta: b
     return sm, source, name
 
 
+def _rounded(coverage: Optional[float]) -> Optional[float]:
+    """Coverage for JSON: 6 decimals, or None (``null``: nothing mappable)."""
+    return None if coverage is None else round(float(coverage), 6)
+
+
 def _inspect_json(sm: ScalingMap, source: str, name: str) -> dict:
     return {
         "model": name,
         "source": source,
         "trace_seconds": round(float(sm.trace_seconds or 0.0), 4),
-        "coverage": round(float(sm.coverage), 6),
+        "coverage": _rounded(sm.coverage),
         "convs": sm.to_json(),
     }
 
@@ -215,6 +220,13 @@ def _table(sm: ScalingMap) -> str:
     return "\n".join(f"{a:<{w0}}  {b:>5}  {c:>6}  {d}" for a, b, c, d in rows)
 
 
+def _coverage_words(coverage: Optional[float]) -> str:
+    """``"97.5%"``, or ``"n/a (nothing mappable: no conv has an affine norm downstream)"``."""
+    if coverage is None:
+        return "n/a (nothing mappable: no conv has an affine norm downstream)"
+    return format_coverage(coverage, ".1%")
+
+
 def _frozen_note(sm: ScalingMap) -> str:
     """`` (N frozen)`` when some scaling factors are frozen norms' buffers, else empty."""
     n = sm.factors.n_frozen
@@ -230,7 +242,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_table(sm))
     print(
         f"\n{source}:{name}: {len(sm)} convs, {len(sm.mapped)} mapped, {len(sm.unscaled)} unscaled, "
-        f"{sm.factors.numel} scaling factors{_frozen_note(sm)}, coverage {sm.coverage:.1%}, traced in {sm.trace_seconds:.2f}s "
+        f"{sm.factors.numel} scaling factors{_frozen_note(sm)}, coverage {_coverage_words(sm.coverage)}, traced in {sm.trace_seconds:.2f}s "
         f"(input {tuple(sm.input_size) if sm.input_size else '?'})"
     )
     return 0
@@ -256,7 +268,7 @@ def _zoo_one(source: str, name: str, input_size, do_verify: bool, filters_per_co
         return row
     reasons = Counter(r.split(":")[0] for r in sm.unscaled.values())
     row.update(
-        trace_seconds=round(float(sm.trace_seconds), 4), coverage=round(float(sm.coverage), 6), convs=len(sm),
+        trace_seconds=round(float(sm.trace_seconds), 4), coverage=_rounded(sm.coverage), convs=len(sm),
         mapped=len(sm.mapped), unscaled=len(sm.unscaled), reasons=dict(reasons),
         tracer_misses=sum(1 for r in sm.unscaled.values() if not is_structural(r)),
     )
@@ -271,11 +283,12 @@ def _zoo_one(source: str, name: str, input_size, do_verify: bool, filters_per_co
 
 def _zoo_line(row: dict) -> str:
     head = f"{row['source']}:{row['model']}"
-    if row["error"] and row["coverage"] is None:
+    if row["error"] and row["trace_seconds"] is None:
         return f"{head:<44} ERROR {row['error']}"
+    cov = "    n/a" if row["coverage"] is None else f"{100 * row['coverage']:6.2f}%"
     line = (
         f"{head:<44} convs {row['convs']:4d}  mapped {row['mapped']:4d}  unscaled {row['unscaled']:3d}  "
-        f"coverage {100 * row['coverage']:6.2f}%  trace {row['trace_seconds']:.2f}s"
+        f"coverage {cov}  trace {row['trace_seconds']:.2f}s"
     )
     v = row["verify"]
     if v is not None:
@@ -288,18 +301,19 @@ def _zoo_line(row: dict) -> str:
 
 
 def _totals(rows: List[dict], do_verify: bool) -> dict:
-    ok = [r for r in rows if r["coverage"] is not None]
-    cov = [r["coverage"] for r in ok]
+    ok = [r for r in rows if r["trace_seconds"] is not None]  # traced (verify may still have failed)
+    cov = [r["coverage"] for r in ok if r["coverage"] is not None]
     t = {
         "models": len(rows),
         "traced": len(ok),
+        "coverage_na": sum(1 for r in ok if r["coverage"] is None),
         "errors": sum(1 for r in rows if r["error"]),
         "convs": sum(r["convs"] for r in ok),
         "mapped": sum(r["mapped"] for r in ok),
         "tracer_misses": sum(r["tracer_misses"] for r in ok),
         "mean_coverage": round(sum(cov) / len(cov), 6) if cov else None,
         "min_coverage": round(min(cov), 6) if cov else None,
-        "below_target": sorted(r["model"] for r in ok if r["coverage"] < COVERAGE_TARGET),
+        "below_target": sorted(r["model"] for r in ok if r["coverage"] is not None and r["coverage"] < COVERAGE_TARGET),
         "max_trace_seconds": round(max((r["trace_seconds"] for r in ok), default=0.0), 4),
     }
     if do_verify:
@@ -332,6 +346,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         )
         if totals["mean_coverage"] is not None:
             line += f", coverage mean {100 * totals['mean_coverage']:.2f}% min {100 * totals['min_coverage']:.2f}%"
+        if totals["coverage_na"]:
+            line += f" ({totals['coverage_na']} with coverage n/a: nothing mappable)"
         if args.verify:
             line += f", {totals['verified_filters']} filters verified, {totals['mismappings']} mis-mappings"
         print(line)

@@ -275,6 +275,18 @@ def test_squeezenet_all_unscaled_no_error():
     assert sm.factors.numel == 0
 
 
+def test_coverage_is_none_when_nothing_is_mappable():
+    import torchvision
+
+    sm = trace(torchvision.models.squeezenet1_0(weights=None))
+    assert sm.coverage is None and "coverage=n/a" in repr(sm)  # n/a, not 100%
+    only_plain = trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)), torch.randn(1, 3, 8, 8))
+    assert only_plain.unscaled == {"0": "norm has no affine weight"} and only_plain.coverage is None
+    # one tracer miss makes it a number again: 0 of 1 mappable conv mapped
+    miss = trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 8, 8])), torch.randn(1, 3, 8, 8))
+    assert miss.coverage == 0.0 and "coverage=0.000" in repr(miss)
+
+
 def _state(model):
     return (
         [(n, m.training) for n, m in model.named_modules()],
