@@ -6,7 +6,9 @@ what changing ``weight[c]`` does) is compared with the unperturbed sample 0 at t
 of every norm the filter is mapped to. Within the window of norm channels the conv lands
 on, ``[offset, offset + out_channels)``, exactly channel ``offset + c`` must change.
 (Outside the window other convs' outputs may change through channel-mixing paths, e.g.
-later DenseNet layers; that says nothing about this conv's mapping.)
+later DenseNet layers; that says nothing about this conv's mapping.) A norm module called
+several times in one forward pass is checked call by call: one call must show exactly the
+mapped channel changing.
 """
 from __future__ import annotations
 
@@ -79,7 +81,9 @@ def verify(
     """Check numerically that each probed filter changes exactly its mapped norm channel.
 
     ``input_size`` ``(C, H, W)`` defaults to a reduced version of the traced size. Runs in
-    eval mode (modes restored afterwards); parameters are not modified.
+    eval mode (modes restored afterwards); parameters are not modified. A norm module
+    called several times in one forward pass (shared by two branches) is checked call by
+    call: the probe passes when one call shows exactly the mapped channel changing.
     """
     if filters_per_conv < 1:
         raise ValueError(f"filters_per_conv: expected >= 1, got {filters_per_conv}")
@@ -107,7 +111,7 @@ def verify(
             for b, (name, c) in enumerate(chunk, start=1):
                 by_conv[name].append((b, c))
             norms = {r.norm for name, _ in chunk for r in sm[name].scaled_by}
-            diffs: Dict[str, torch.Tensor] = {}
+            diffs: Dict[str, List[torch.Tensor]] = {}  # norm -> one (B, C) diff per call of the norm
             handles = []
 
             def conv_hook(m, inp, out, pairs):
@@ -124,7 +128,7 @@ def verify(
                 x = inp[0].detach().float()
                 cd = channel_dim(sm.norm_kinds.get(name, "bn"), x.dim())
                 d = (x - x[:1]).abs().movedim(cd, 1).flatten(2).amax(2)  # (B, C)
-                diffs[name] = torch.maximum(diffs[name], d) if name in diffs else d
+                diffs.setdefault(name, []).append(d)  # a shared norm: each call on its own
 
             try:
                 for name, pairs in by_conv.items():
@@ -144,21 +148,45 @@ def verify(
                     if r.norm not in diffs:
                         never_ran[name] += 1
                         continue
-                    d = diffs[r.norm][b]
-                    fr = r.filter_range(e.out_channels)
-                    lo = r.offset + fr.start  # the window of norm channels this ref scales
-                    window = d[lo : r.offset + fr.stop]
-                    k = r.offset + c - lo
-                    target = float(window[k]) if k < window.numel() else 0.0
-                    others = [lo + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != k]
                     res.checks += 1
                     checked = True
-                    if target <= 0.0 or others:
-                        what = "did not change" if target <= 0.0 else f"channels {others[:6]} changed too"
+                    what = _judge([_window_check(d[b], r, e.out_channels, c) for d in diffs[r.norm]])
+                    if what:
                         res.mismappings.append(f"{name}[{c}] -> {r.norm}[{r.offset + c}]: {what}")
                 res.filters += int(checked)
     res.unverified = sorted(never_ran)
     return res
+
+
+def _window_check(d: torch.Tensor, r, out_channels: int, c: int) -> Tuple[float, List[int]]:
+    """``(change of channel offset + c, other channels of the ref's window that changed)`` for one norm call.
+
+    ``d`` is the per-channel max |difference| from the unperturbed sample at the norm's input.
+    """
+    fr = r.filter_range(out_channels)
+    lo = r.offset + fr.start  # the window of norm channels this ref scales
+    window = d[lo : r.offset + fr.stop]
+    k = r.offset + c - lo
+    target = float(window[k]) if k < window.numel() else 0.0
+    others = [lo + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != k]
+    return target, others
+
+
+def _judge(calls: List[Tuple[float, List[int]]]) -> Optional[str]:
+    """None when some call of the norm shows exactly the mapped channel changing, else what went wrong.
+
+    A norm module called several times in one forward pass (one BN shared by two branches,
+    or reused in sequence) is checked call by call: the filter is scaled in the call its
+    output reaches directly; in a later call the perturbation may already have been mixed
+    across channels by a conv in between, which says nothing about the mapping.
+    """
+    if any(t > 0.0 and not o for t, o in calls):
+        return None
+    moved = [(len(o), o) for t, o in calls if t > 0.0]
+    if not moved:
+        return "did not change" + (f" (in any of the norm's {len(calls)} calls)" if len(calls) > 1 else "")
+    others = min(moved)[1]
+    return f"channels {others[:6]} changed too" + (f" (it changes alone in none of the norm's {len(calls)} calls)" if len(calls) > 1 else "")
 
 
 # ---------------------------------------------------------------------- inspect

@@ -400,3 +400,58 @@ def test_verify_detects_a_wrong_offset():
     bad.input_size = sm.input_size
     wrong = verify(bad, (3, 32, 32), filters_per_conv=2)
     assert len(wrong.mismappings) == 2 and "layer1.0.bn1" in wrong.mismappings[0]
+
+
+class SharedNormSeq(nn.Module):
+    """One BN normalizes conv a's output and, after conv b, b's output: one module, two calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        return self.fc(torch.relu(self.bn(self.b(y))).mean((2, 3)))
+
+
+class SharedNormBranches(nn.Module):
+    """Two parallel branches through one BN, summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.c(self.bn(self.a(x)) + self.bn(self.b(x))))
+
+
+@pytest.mark.parametrize("cls", [SharedNormSeq, SharedNormBranches])
+def test_verify_shared_norm_called_twice(cls):
+    torch.manual_seed(0)
+    m = cls()
+    sm = trace(m, torch.randn(1, 3, 16, 16))
+    assert refs(sm, "a") == [("bn", 0)] and refs(sm, "b") == [("bn", 0)]
+    assert sm.factors.numel == 8 + (8 if cls is SharedNormBranches else 0)  # a shared channel is one factor
+    v = verify(sm, (3, 16, 16), filters_per_conv=8)
+    assert v.ok and v.filters == len(sm.mapped) * 8, v.mismappings
+    # trained: gammas, betas and running statistics away from their init
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(3):
+        out = m(torch.randn(4, 3, 16, 16))
+        loss = (out * torch.randn_like(out)).mean()  # a random direction: every parameter moves
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (m.bn.weight - 1).abs().max() > 1e-4 and (m.bn.running_mean != 0).all()
+    assert verify(trace(m, torch.randn(1, 3, 16, 16)), (3, 16, 16), filters_per_conv=8).ok
+    # a wrong offset on the shared norm is still found, in every call
+    bad = ScalingMap(m, {"a": copy.deepcopy(sm["a"])}, sm.norm_kinds)
+    bad["a"].scaled_by = [NormRef("bn", 1)]
+    wrong = verify(bad, (3, 16, 16), filters_per_conv=3)
+    assert len(wrong.mismappings) == 3
+    if cls is SharedNormSeq:  # call 1: channel c moved, not c + 1; call 2: the whole window (mixed by conv b)
+        assert wrong.mismappings[0] == "a[0] -> bn[1]: channels [2, 3, 4, 5, 6, 7] changed too (it changes alone in none of the norm's 2 calls)"
