@@ -59,7 +59,8 @@ def norm_kind(m: nn.Module) -> Optional[str]:
     """Kind of a normalization module, or ``None`` when ``m`` is not a norm.
 
     ``"bn"`` (BatchNorm1d/2d/3d, SyncBatchNorm, timm BatchNormAct2d), ``"gn"`` (GroupNorm),
-    ``"in"`` (InstanceNorm), ``"ln2d"`` (timm/torchvision LayerNorm2d: channel dim 1),
+    ``"in"`` (InstanceNorm), ``"ln2d"`` (timm/torchvision LayerNorm2d, a LayerNorm with
+    ``data_format="channels_first"`` such as Hugging Face's ConvNextLayerNorm: channel dim 1),
     ``"ln"`` (nn.LayerNorm over the last dim), ``"norm2d"``/``"norm"`` (other timm norms
     with a per-channel weight: RmsNorm2d/SimpleNorm2d, RmsNorm/SimpleNorm),
     ``"frozen"`` (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: gamma is a
@@ -77,7 +78,8 @@ def norm_kind(m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
             return "other"
-        return "ln2d" if "2d" in cls.lower() else "ln"
+        channels_first = "2d" in cls.lower() or getattr(m, "data_format", None) == "channels_first"
+        return "ln2d" if channels_first else "ln"  # data_format: Hugging Face's ConvNextLayerNorm
     if cls.startswith(("RmsNorm", "SimpleNorm")):
         return "norm2d" if "2d" in cls.lower() else "norm"
     if _NORM_CLASS_RE.search(cls) and any(isinstance(p, nn.Parameter) for p in m.parameters(recurse=False)):
