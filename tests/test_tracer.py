@@ -455,3 +455,20 @@ def test_verify_shared_norm_called_twice(cls):
     assert len(wrong.mismappings) == 3
     if cls is SharedNormSeq:  # call 1: channel c moved, not c + 1; call 2: the whole window (mixed by conv b)
         assert wrong.mismappings[0] == "a[0] -> bn[1]: channels [2, 3, 4, 5, 6, 7] changed too (it changes alone in none of the norm's 2 calls)"
+
+
+def test_layernorm_channels_first_data_format_is_mapped():
+    """A LayerNorm subclass applied channels-first (Hugging Face's ConvNextLayerNorm) is a 2d norm."""
+
+    class ChannelsFirstLN(nn.LayerNorm):
+        def __init__(self, c):
+            super().__init__(c)
+            self.data_format = "channels_first"
+
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    m = nn.Sequential(nn.Conv2d(3, 6, 2, 2), ChannelsFirstLN(6), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    sm = trace(m, torch.randn(1, 3, 8, 8))
+    assert refs(sm, "0") == [("1", 0)] and sm.norm_kinds["1"] == "ln2d" and sm.coverage == 1.0
+    assert verify(sm, (3, 8, 8), filters_per_conv=6).ok
