@@ -133,7 +133,7 @@ class ScalingMap:
     def __init__(self, module: nn.Module, convs: Dict[str, ConvEntry], norm_kinds: Dict[str, str]):
         self.module = module
         self.convs: Dict[str, ConvEntry] = dict(convs)
-        # name -> "bn" | "gn" | "in" | "ln2d" | "norm2d" (channel dim 1) | "ln" | "norm" (channel dim last)
+        # name -> "bn" | "frozen" | "gn" | "in" | "ln2d" | "norm2d" (channel dim 1) | "ln" | "norm" (channel dim last)
         self.norm_kinds: Dict[str, str] = dict(norm_kinds)
         self._factors: Optional[FactorView] = None
         self.input_size: Optional[Tuple[int, ...]] = None  # (C, H, W) the tracer used
@@ -273,8 +273,10 @@ def check_trainable(scaling_map: "ScalingMap", op: str = "this operation") -> No
     training would silently leave it alone. The message names the count of frozen factors
     and the fix, ``filtersurgery.unfreeze_norms(model)`` (``freeze_norms`` freezes them again).
     Operations that only read or write gammas in place (ranking, ``rescale``, ``verify``)
-    do not call it.
+    do not call it. (A model is traced first: ``check_trainable(filtersurgery.trace(model))``.)
     """
+    if not isinstance(scaling_map, ScalingMap):
+        raise ValueError(f"scaling_map: expected a ScalingMap (filtersurgery.trace(model)), got {type(scaling_map).__name__}")
     fv = scaling_map.factors
     n = fv.n_frozen
     if n == 0:

@@ -71,6 +71,8 @@ def test_gradient_operations_refuse_with_count_and_fix():
     with pytest.raises(ValueError, match=r"^model: 4800 of 4800 .* and the trainer needs"):
         check_trainable(sm, "the trainer")
     check_trainable(fs.trace(torchvision.models.resnet18(weights=None)))  # nothing frozen: no error
+    with pytest.raises(ValueError, match=r"^scaling_map: expected a ScalingMap \(filtersurgery.trace\(model\)\), got ResNet$"):
+        check_trainable(m)
 
 
 def test_partly_frozen_model_refuses_with_the_frozen_count():
