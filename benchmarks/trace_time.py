@@ -17,6 +17,7 @@ import time
 import torch
 
 from filtersurgery.models import build_model
+from filtersurgery.scaling_map import format_coverage
 from filtersurgery.tracer import default_input_size, trace
 
 ISSUE_MODELS = [
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t)
         line = (
             f"{spec:<36} best {min(times):.3f}s  median {statistics.median(times):.3f}s  "
-            f"convs {len(sm):4d}  coverage {100 * sm.coverage:6.2f}%"
+            f"convs {len(sm):4d}  coverage {format_coverage(sm.coverage, '7.2%'):>7}"
         )
         if args.check_real:
             real = trace(model, torch.randn(1, *default_input_size(model)))

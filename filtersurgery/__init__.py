@@ -9,6 +9,8 @@ Tracing
     trace(model, example_inputs=None) -> ScalingMap        conv filter -> BN/GN/LN gamma(s)
     ScalingMap, ConvEntry, NormRef, FactorView, unwrap, default_input_size
     verify(sm) -> VerifyResult                             numerical check of a map
+    unfreeze_norms(model), freeze_norms(model)             frozen batch norms <-> trainable ones
+    check_trainable(sm, op)                                refuse frozen factors where gradients are needed
     build_model(spec, num_classes, in_chans), list_cnns(source)
 Sparsity, ranking, re-initialization (SPEC §1, §2)
     sparsify(model, target_r=0.3, epochs=E) -> Sparsifier  SST / BST: set_epoch, step, useless
@@ -31,13 +33,14 @@ Data and training (SPEC §8)
     load_dataset(name) -> ImageData, split_parts
     TrainConfig, train.multi_step(cfg, out_dir, seed), train.single_step(...)
 """
-from .scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, unwrap
+from .scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, check_trainable, unwrap
 
 __version__ = "0.1.0"
 
 # --- tracer (tracer.py) ---
 from .models import build_model, list_cnns
 from .tracer import default_input_size, trace
+from .norms import freeze_norms, unfreeze_norms
 from .zoo import VerifyResult, verify
 
 # --- operations (sparsity.py, ranking.py, reinit.py, reactivation.py) ---
@@ -75,7 +78,7 @@ __all__ = [
     "__version__",
     # tracing
     "trace", "ScalingMap", "ConvEntry", "NormRef", "FactorView", "unwrap", "default_input_size",
-    "verify", "VerifyResult", "build_model", "list_cnns",
+    "verify", "VerifyResult", "build_model", "list_cnns", "unfreeze_norms", "freeze_norms", "check_trainable",
     # sparsity, ranking, re-initialization
     "sparsify", "Sparsifier", "SparsityConfig", "rank_filters", "FilterRanking", "useless_mask",
     "remaining_mean", "rescale", "RescaleReport", "check_finite",

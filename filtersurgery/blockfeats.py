@@ -2,7 +2,9 @@
 
 A *block* is a stage of the network: timm's stages (the modules named by the model's
 ``feature_info``), torchvision's stages (``layer1..4``, ``features`` stages, ...), else the
-last top-level module at each spatial resolution of a probe forward pass.
+last stage-level module at each spatial resolution of a probe forward pass, searched
+through nested containers (Hugging Face ``resnet.encoder.stages.N``, your own
+``trunk.levels['a']``), without the stem and the heads.
 
 ``blocks(model)`` names them (``named_modules`` names of the unwrapped model, in forward
 order); ``capture_blocks(model, names)`` records their outputs for one forward pass.
@@ -182,17 +184,41 @@ def _res_at(events: List[Tuple[int, Tuple[int, int]]], t: int) -> Optional[Tuple
     return hw
 
 
+def _trunk_groups(units, calls: Dict[str, _Call], events) -> List[List[Tuple[str, nn.Module]]]:
+    """Consecutive units grouped by the resolution they end at, along the trunk only.
+
+    The trunk runs while the resolution shrinks; the first group whose resolution is not
+    smaller than the one before (an FPN's top-down path, a decoder, per-scale heads run
+    after the last stage) ends it.
+    """
+    groups: List[Tuple[Tuple[int, int], List[Tuple[str, nn.Module]]]] = []
+    for name, mod in units:
+        hw = _res_at(events, calls[name].end)
+        if hw is None:
+            continue
+        if not groups or hw != groups[-1][0]:
+            if groups and hw[0] * hw[1] >= groups[-1][0][0] * groups[-1][0][1]:
+                break  # back up to a resolution the trunk has passed: heads from here on
+            groups.append((hw, []))
+        groups[-1][1].append((name, mod))
+    return [g for _, g in groups]
+
+
 def _blocks_from_probe(model: nn.Module, example_inputs) -> List[str]:
     """Last top-level unit at each spatial resolution, descending into multi-stage containers."""
     probe = _run_probe(model, example_inputs)
     calls, events = probe.calls, probe.events
 
     def called_children(prefix: str, module: nn.Module) -> List[Tuple[str, nn.Module]]:
+        """The called children of ``module``, looking through children that are never called
+        themselves (``ModuleList`` / ``ModuleDict`` / plain holder modules), in call order."""
         out = []
         for n, c in module.named_children():
             full = f"{prefix}.{n}" if prefix else n
             if full in calls and calls[full].calls > 0:
                 out.append((full, c))
+            elif full not in calls:
+                out.extend(called_children(full, c))
         return sorted(out, key=lambda nc: calls[nc[0]].start)
 
     def n_res(name: str) -> int:
@@ -214,20 +240,8 @@ def _blocks_from_probe(model: nn.Module, example_inputs) -> List[str]:
         else:
             units.append((name, mod))
 
-    # group consecutive units by the resolution they end at
-    groups: List[List[Tuple[str, nn.Module]]] = []
-    last_hw = object()
-    for name, mod in units:
-        hw = _res_at(events, calls[name].end)
-        if hw is None:
-            continue
-        if hw != last_hw:
-            groups.append([])
-            last_hw = hw
-        groups[-1].append((name, mod))
-
     names: List[str] = []
-    for gi, group in enumerate(groups):
+    for gi, group in enumerate(_trunk_groups(units, calls, events)):
         usable = [(n, m) for n, m in group if calls[n].calls == 1 and calls[n].out4d]
         if gi == 0 and sum(_n_convs(m) for _, m in group) <= 1:
             continue  # the stem: a single conv
@@ -260,17 +274,23 @@ def blocks(model: nn.Module, example_inputs=None) -> List[str]:
     - timm models: the modules of ``model.feature_info`` (timm's stages), deduplicated; a
       pooling entry that only pools the previous stage is dropped, and so is the first
       entry when it is a single-conv stem (it holds at most one conv).
-    - any other model (torchvision, custom): one probe forward pass (eval mode, no grad,
-      modes restored; input ``example_inputs`` or zeros of the model's input size, default
-      ``C x 224 x 224``) flattens the trunk into top-level units, descending into any
-      container that spans more than one resolution change; units are grouped by the
-      spatial size they end at, and each group gives its last unit with >= 2 convs (else
-      its last unit with parameters, extended over a trailing activation). A first group
-      holding a single conv (the stem) and groups holding only pooling are skipped. For
-      torchvision this gives ResNet ``layer1..4``, ShuffleNet ``stage2..4``, RegNet
-      ``trunk_output.block1..4``, the last ``features`` stage per resolution for
-      MobileNet/EfficientNet/ConvNeXt, dense blocks for DenseNet, GoogLeNet's last
-      inception block per resolution.
+    - any other model (torchvision, Hugging Face ``transformers``, custom): one probe
+      forward pass (eval mode, no grad, modes restored; input ``example_inputs`` or zeros
+      of the model's input size, default ``C x 224 x 224``) flattens the model into
+      stage-level units: called modules, descending into any container that spans more
+      than one resolution change and looking through containers that are never called
+      themselves (``ModuleList``, ``ModuleDict``, plain holder modules), so stages nested
+      at any depth are found. Units are grouped by the spatial size they end at, along the
+      trunk: the first group whose resolution is not smaller than the one before (an
+      FPN's top-down path, a decoder, per-scale heads) ends it. Each group gives its last
+      unit with >= 2 convs (else its last unit with parameters, extended over a trailing
+      activation): one block per resolution. A first group holding a single conv (the
+      stem) and groups holding only pooling are skipped. For torchvision this gives ResNet
+      ``layer1..4``, ShuffleNet ``stage2..4``, RegNet ``trunk_output.block1..4``, the last
+      ``features`` stage per resolution for MobileNet/EfficientNet/ConvNeXt, dense blocks
+      for DenseNet, GoogLeNet's last inception block per resolution; for ``transformers``
+      ``resnet/convnext/regnet.encoder.stages.0..3``, MobileNetV2's ``conv_stem`` and
+      ``layer.1/4/11/15``, EfficientNet's last ``encoder.blocks.N`` per resolution.
 
     Raises a one-line ``ValueError`` when no block is found (e.g. a single-stage model).
     """

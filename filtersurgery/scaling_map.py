@@ -8,6 +8,11 @@ carries a reason.
 A ``ScalingMap`` is produced by :func:`filtersurgery.trace`. It keeps a reference to the
 traced module (the unwrapped one: ``DataParallel``/``DDP``/``torch.compile`` wrappers are
 peeled off) so that operations can be called with the map alone.
+
+A *frozen* scaling factor is one whose gamma is a buffer, not an ``nn.Parameter``
+(torchvision's ``FrozenBatchNorm2d``, used by every torchvision detection backbone, and
+timm's ``FrozenBatchNormAct2d``): it is mapped like any other, read-only and in-place
+operations work on it, and operations that need its gradient call :func:`check_trainable`.
 """
 from __future__ import annotations
 
@@ -60,21 +65,35 @@ class ConvEntry:
 class FactorView:
     """Flat, cached view of every scaling factor of the model (SPEC §1 candidates).
 
-    ``params[i]`` is the weight tensor of norm ``norms[i]``; ``channels[i]`` the (sorted,
-    unique) channel indices of that norm that scale at least one conv filter. The global
-    factor index ``k`` runs over ``(i, channels[i][j])`` in this order;
-    ``offsets[i]`` is the global index of ``channels[i][0]``.
+    ``params[i]`` is the weight tensor of norm ``norms[i]`` (an ``nn.Parameter``, or a buffer
+    for a frozen norm); ``channels[i]`` the (sorted, unique) channel indices of that norm
+    that scale at least one conv filter. The global factor index ``k`` runs over
+    ``(i, channels[i][j])`` in this order; ``offsets[i]`` is the global index of
+    ``channels[i][0]``. ``frozen[i]`` is True when ``params[i]`` is not a trainable
+    ``nn.Parameter`` (a frozen norm's buffer); an empty list means none is.
     """
 
     norms: List[str]
     params: List[nn.Parameter]
     channels: List[torch.Tensor]
     offsets: List[int]
+    frozen: List[bool] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
         """Number of scaling factors (``(norm, channel)`` pairs that scale at least one filter)."""
         return sum(int(c.numel()) for c in self.channels)
+
+    @property
+    def n_frozen(self) -> int:
+        """Number of frozen scaling factors (their gamma is a buffer: no gradient, no optimizer)."""
+        return sum(int(c.numel()) for c, f in zip(self.channels, self.frozen) if f)
+
+    def frozen_mask(self) -> torch.Tensor:
+        """Per-factor boolean mask (global factor order, CPU): True for a frozen factor."""
+        flags = self.frozen or [False] * len(self.channels)
+        parts = [torch.full((int(c.numel()),), bool(f), dtype=torch.bool) for c, f in zip(self.channels, flags)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     def gammas(self) -> torch.Tensor:
         """All scaling factors as one detached float32 vector (global factor order)."""
@@ -114,7 +133,7 @@ class ScalingMap:
     def __init__(self, module: nn.Module, convs: Dict[str, ConvEntry], norm_kinds: Dict[str, str]):
         self.module = module
         self.convs: Dict[str, ConvEntry] = dict(convs)
-        # name -> "bn" | "gn" | "in" | "ln2d" | "norm2d" (channel dim 1) | "ln" | "norm" (channel dim last)
+        # name -> "bn" | "frozen" | "gn" | "in" | "ln2d" | "norm2d" (channel dim 1) | "ln" | "norm" (channel dim last)
         self.norm_kinds: Dict[str, str] = dict(norm_kinds)
         self._factors: Optional[FactorView] = None
         self.input_size: Optional[Tuple[int, ...]] = None  # (C, H, W) the tracer used
@@ -151,20 +170,29 @@ class ScalingMap:
         return [(r.norm, r.offset + c) for r in e.scaled_by if r.covers(c, e.out_channels)]
 
     @property
-    def coverage(self) -> float:
+    def coverage(self) -> Optional[float]:
         """Mapped convs / convs that have an affine per-channel norm downstream (docs/tracer.md).
 
         A conv counts in the denominator unless it is unscaled for a *structural* reason
         (``is_structural(reason)``): no per-channel path from it reaches an affine norm.
         Unscaled convs with other reasons (unsupported ops, not executed) are tracer misses.
+        ``None`` ("n/a", JSON ``null``) when nothing is mappable: no conv has such a norm
+        downstream (a model without norms, such as SqueezeNet or an NF-Net, or without convs).
         """
         denom = sum(1 for e in self.convs.values() if e.mapped or not is_structural(e.reason))
-        return 1.0 if denom == 0 else len(self.mapped) / denom
+        return None if denom == 0 else len(self.mapped) / denom
 
     # ----------------------------------------------------------- factor view
     @property
     def factors(self) -> FactorView:
-        """Cached flat view of the scaling factors (built once, no re-walk)."""
+        """Cached flat view of the scaling factors (no re-walk of the graph).
+
+        Rebuilt when a norm module of the map was replaced since (``unfreeze_norms`` /
+        ``freeze_norms`` swap modules under the same names), so the view always holds the
+        model's current gamma tensors.
+        """
+        if self._factors is not None and self._stale(self._factors):
+            self._factors = None
         if self._factors is None:
             chans: Dict[str, set] = {}
             for e in self.convs.values():
@@ -180,17 +208,30 @@ class ScalingMap:
                 channels.append(idx)
                 offsets.append(off)
                 off += idx.numel()
-            self._factors = FactorView(norms, params, channels, offsets)
+            frozen = [not is_trainable_weight(w) for w in params]
+            self._factors = FactorView(norms, params, channels, offsets, frozen)
         return self._factors
 
+    def _stale(self, fv: FactorView) -> bool:
+        """True when some norm of ``fv`` no longer holds the cached weight tensor."""
+        mods = dict(self.module.named_modules())
+        return any(getattr(mods.get(n), "weight", None) is not p for n, p in zip(fv.norms, fv.params))
+
+    @property
+    def frozen_norms(self) -> List[str]:
+        """Names of the norms of the map whose gamma is frozen (a buffer, e.g. ``FrozenBatchNorm2d``)."""
+        fv = self.factors
+        return [n for n, f in zip(fv.norms, fv.frozen) if f]
+
     def to_json(self) -> list:
-        """The ``convs`` list of ``filtersurgery inspect --json``."""
+        """The ``convs`` list of ``filtersurgery inspect --json`` (a frozen ref adds ``"frozen": true``)."""
+        frozen = set(self.frozen_norms)
         return [
             {
                 "name": e.name,
                 "out_channels": e.out_channels,
                 "groups": e.groups,
-                "scaled_by": [_ref_json(r) for r in e.scaled_by],
+                "scaled_by": [_ref_json(r, r.norm in frozen) for r in e.scaled_by],
                 "reason": e.reason,
             }
             for e in self.convs.values()
@@ -199,16 +240,55 @@ class ScalingMap:
     def __repr__(self) -> str:
         return (
             f"ScalingMap(convs={len(self.convs)}, mapped={len(self.mapped)}, "
-            f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={self.coverage:.3f})"
+            f"unscaled={len(self.unscaled)}, factors={self.factors.numel}, coverage={format_coverage(self.coverage, '.3f')})"
         )
 
 
-def _ref_json(r: NormRef) -> dict:
-    """``{"norm", "offset"}``, plus ``"filters": [first, stop)`` for a ref valid on a piece only."""
+def _ref_json(r: NormRef, frozen: bool = False) -> dict:
+    """``{"norm", "offset"}``, plus ``"filters": [first, stop)`` for a ref valid on a piece only
+    and ``"frozen": true`` for a frozen norm."""
     d = {"norm": r.norm, "offset": r.offset}
     if r.count is not None:
         d["filters"] = [r.first, r.first + r.count]
+    if frozen:
+        d["frozen"] = True
     return d
+
+
+def format_coverage(coverage: Optional[float], spec: str = ".1%") -> str:
+    """``coverage`` formatted with ``spec``, or ``"n/a"`` when it is None (nothing mappable)."""
+    return "n/a" if coverage is None else format(coverage, spec)
+
+
+def is_trainable_weight(w) -> bool:
+    """True when a norm's gamma ``w`` is an ``nn.Parameter`` (frozen norms keep it as a buffer)."""
+    return isinstance(w, nn.Parameter)
+
+
+def check_trainable(scaling_map: "ScalingMap", op: str = "this operation") -> None:
+    """One-line ValueError when ``scaling_map`` has frozen scaling factors and ``op`` needs gradients.
+
+    A frozen factor's gamma is a buffer (torchvision's ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``): it gets no gradient and no optimizer updates it, so SST and
+    training would silently leave it alone. The message names the count of frozen factors
+    and the fix, ``filtersurgery.unfreeze_norms(model)`` (``freeze_norms`` freezes them again).
+    Operations that only read or write gammas in place (ranking, ``rescale``, ``verify``)
+    do not call it. (A model is traced first: ``check_trainable(filtersurgery.trace(model))``.)
+    """
+    if not isinstance(scaling_map, ScalingMap):
+        raise ValueError(f"scaling_map: expected a ScalingMap (filtersurgery.trace(model)), got {type(scaling_map).__name__}")
+    fv = scaling_map.factors
+    n = fv.n_frozen
+    if n == 0:
+        return
+    mods = dict(scaling_map.module.named_modules())
+    names = [nm for nm, f in zip(fv.norms, fv.frozen) if f]
+    classes = sorted({type(mods[nm]).__name__ for nm in names if nm in mods})
+    raise ValueError(
+        f"model: {n} of {fv.numel} scaling factors are frozen ({len(names)} {'/'.join(classes)} norms, "
+        f"first: {names[0]}) and {op} needs their gradients; call filtersurgery.unfreeze_norms(model) "
+        "first (filtersurgery.freeze_norms(model) freezes them again afterwards)"
+    )
 
 
 # Reasons (prefixes) for which a conv has no affine per-channel norm downstream at all;

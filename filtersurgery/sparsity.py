@@ -31,7 +31,7 @@ import warnings
 
 from .ranking import (ModelOrMap, as_scaling_map, check_ranking, check_target_r, checked_gammas, factor_scales,
                       factor_view, fraction_count, smallest_mask)
-from .scaling_map import ScalingMap
+from .scaling_map import ScalingMap, check_trainable
 
 
 def sp_ratio(epoch: int, target_r: float, e_cut: float) -> float:
@@ -99,6 +99,7 @@ class Sparsifier:
         self.config = config.validate()
         self.scaling_map = scaling_map
         self.factors = factor_view(scaling_map)
+        check_trainable(scaling_map, "sparsify")  # frozen gammas get no gradient: refuse, name the fix
         g = checked_gammas(self.factors).abs()
         self.n = g.numel()
         self.scales = factor_scales(self.factors, config.ranking, g)

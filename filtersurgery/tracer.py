@@ -41,7 +41,7 @@ REASONS = {
     "classifier": "classifier conv: output reaches the model output without a norm",
     "no_norm_model": "no norm in the model",
     "no_affine": "norm has no affine weight",
-    "frozen": "frozen norm ({cls}) has no trainable weight",
+    "frozen": "frozen norm ({cls}) has no per-channel weight",
     "mixing": "no norm downstream: the output reaches channel-mixing ops ({ops}) before any norm",
     "unsupported": "unsupported op on the path to a norm: {ops}",
     "dropped": "no norm downstream: its channels are sliced away before any norm",
@@ -59,10 +59,12 @@ def norm_kind(m: nn.Module) -> Optional[str]:
     """Kind of a normalization module, or ``None`` when ``m`` is not a norm.
 
     ``"bn"`` (BatchNorm1d/2d/3d, SyncBatchNorm, timm BatchNormAct2d), ``"gn"`` (GroupNorm),
-    ``"in"`` (InstanceNorm), ``"ln2d"`` (timm/torchvision LayerNorm2d: channel dim 1),
+    ``"in"`` (InstanceNorm), ``"ln2d"`` (timm/torchvision LayerNorm2d, a LayerNorm with
+    ``data_format="channels_first"`` such as Hugging Face's ConvNextLayerNorm: channel dim 1),
     ``"ln"`` (nn.LayerNorm over the last dim), ``"norm2d"``/``"norm"`` (other timm norms
     with a per-channel weight: RmsNorm2d/SimpleNorm2d, RmsNorm/SimpleNorm),
-    ``"frozen"`` (FrozenBatchNorm2d: buffers only), ``"other"`` (a norm we cannot map).
+    ``"frozen"`` (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: gamma is a
+    buffer; mapped like a BatchNorm, its factors are *frozen*), ``"other"`` (a norm we cannot map).
     """
     cls = type(m).__name__
     if cls.startswith("FrozenBatchNorm"):
@@ -76,7 +78,8 @@ def norm_kind(m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
             return "other"
-        return "ln2d" if "2d" in cls.lower() else "ln"
+        channels_first = "2d" in cls.lower() or getattr(m, "data_format", None) == "channels_first"
+        return "ln2d" if channels_first else "ln"  # data_format: Hugging Face's ConvNextLayerNorm
     if cls.startswith(("RmsNorm", "SimpleNorm")):
         return "norm2d" if "2d" in cls.lower() else "norm"
     if _NORM_CLASS_RE.search(cls) and any(isinstance(p, nn.Parameter) for p in m.parameters(recurse=False)):
@@ -100,9 +103,10 @@ class _Norm:
 def _norm_info(name: str, m: nn.Module) -> _Norm:
     kind = norm_kind(m)
     w = getattr(m, "weight", None)
-    if kind == "frozen":
-        n = int(w.numel()) if isinstance(w, torch.Tensor) else 0
-        return _Norm(name, m, kind, n, REASONS["frozen"].format(cls=type(m).__name__))
+    if kind == "frozen":  # gamma is a buffer: mapped, the map marks its factors frozen
+        if isinstance(w, torch.Tensor) and w.dim() == 1:
+            return _Norm(name, m, kind, int(w.numel()), None)
+        return _Norm(name, m, kind, 0, REASONS["frozen"].format(cls=type(m).__name__))
     if kind == "other":
         return _Norm(name, m, kind, 0, f"unsupported norm type {type(m).__name__}")
     if not isinstance(w, nn.Parameter):

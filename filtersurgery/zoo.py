@@ -6,7 +6,9 @@ what changing ``weight[c]`` does) is compared with the unperturbed sample 0 at t
 of every norm the filter is mapped to. Within the window of norm channels the conv lands
 on, ``[offset, offset + out_channels)``, exactly channel ``offset + c`` must change.
 (Outside the window other convs' outputs may change through channel-mixing paths, e.g.
-later DenseNet layers; that says nothing about this conv's mapping.)
+later DenseNet layers; that says nothing about this conv's mapping.) A norm module called
+several times in one forward pass is checked call by call: one call must show exactly the
+mapped channel changing.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from .models import SOURCES, build_model, list_cnns, parse_spec
-from .scaling_map import ScalingMap, channel_dim, is_structural
+from .scaling_map import ScalingMap, channel_dim, format_coverage, is_structural
 from .tracer import reduced_input_size, default_input_size, trace
 
 __all__ = ["verify", "VerifyResult", "inspect_model", "add_parsers"]
@@ -79,7 +81,9 @@ def verify(
     """Check numerically that each probed filter changes exactly its mapped norm channel.
 
     ``input_size`` ``(C, H, W)`` defaults to a reduced version of the traced size. Runs in
-    eval mode (modes restored afterwards); parameters are not modified.
+    eval mode (modes restored afterwards); parameters are not modified. A norm module
+    called several times in one forward pass (shared by two branches) is checked call by
+    call: the probe passes when one call shows exactly the mapped channel changing.
     """
     if filters_per_conv < 1:
         raise ValueError(f"filters_per_conv: expected >= 1, got {filters_per_conv}")
@@ -107,7 +111,7 @@ def verify(
             for b, (name, c) in enumerate(chunk, start=1):
                 by_conv[name].append((b, c))
             norms = {r.norm for name, _ in chunk for r in sm[name].scaled_by}
-            diffs: Dict[str, torch.Tensor] = {}
+            diffs: Dict[str, List[torch.Tensor]] = {}  # norm -> one (B, C) diff per call of the norm
             handles = []
 
             def conv_hook(m, inp, out, pairs):
@@ -124,7 +128,7 @@ def verify(
                 x = inp[0].detach().float()
                 cd = channel_dim(sm.norm_kinds.get(name, "bn"), x.dim())
                 d = (x - x[:1]).abs().movedim(cd, 1).flatten(2).amax(2)  # (B, C)
-                diffs[name] = torch.maximum(diffs[name], d) if name in diffs else d
+                diffs.setdefault(name, []).append(d)  # a shared norm: each call on its own
 
             try:
                 for name, pairs in by_conv.items():
@@ -144,21 +148,45 @@ def verify(
                     if r.norm not in diffs:
                         never_ran[name] += 1
                         continue
-                    d = diffs[r.norm][b]
-                    fr = r.filter_range(e.out_channels)
-                    lo = r.offset + fr.start  # the window of norm channels this ref scales
-                    window = d[lo : r.offset + fr.stop]
-                    k = r.offset + c - lo
-                    target = float(window[k]) if k < window.numel() else 0.0
-                    others = [lo + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != k]
                     res.checks += 1
                     checked = True
-                    if target <= 0.0 or others:
-                        what = "did not change" if target <= 0.0 else f"channels {others[:6]} changed too"
+                    what = _judge([_window_check(d[b], r, e.out_channels, c) for d in diffs[r.norm]])
+                    if what:
                         res.mismappings.append(f"{name}[{c}] -> {r.norm}[{r.offset + c}]: {what}")
                 res.filters += int(checked)
     res.unverified = sorted(never_ran)
     return res
+
+
+def _window_check(d: torch.Tensor, r, out_channels: int, c: int) -> Tuple[float, List[int]]:
+    """``(change of channel offset + c, other channels of the ref's window that changed)`` for one norm call.
+
+    ``d`` is the per-channel max |difference| from the unperturbed sample at the norm's input.
+    """
+    fr = r.filter_range(out_channels)
+    lo = r.offset + fr.start  # the window of norm channels this ref scales
+    window = d[lo : r.offset + fr.stop]
+    k = r.offset + c - lo
+    target = float(window[k]) if k < window.numel() else 0.0
+    others = [lo + j for j in torch.nonzero(window > 1e-4 * target).flatten().tolist() if j != k]
+    return target, others
+
+
+def _judge(calls: List[Tuple[float, List[int]]]) -> Optional[str]:
+    """None when some call of the norm shows exactly the mapped channel changing, else what went wrong.
+
+    A norm module called several times in one forward pass (one BN shared by two branches,
+    or reused in sequence) is checked call by call: the filter is scaled in the call its
+    output reaches directly; in a later call the perturbation may already have been mixed
+    across channels by a conv in between, which says nothing about the mapping.
+    """
+    if any(t > 0.0 and not o for t, o in calls):
+        return None
+    moved = [(len(o), o) for t, o in calls if t > 0.0]
+    if not moved:
+        return "did not change" + (f" (in any of the norm's {len(calls)} calls)" if len(calls) > 1 else "")
+    others = min(moved)[1]
+    return f"channels {others[:6]} changed too" + (f" (it changes alone in none of the norm's {len(calls)} calls)" if len(calls) > 1 else "")
 
 
 # ---------------------------------------------------------------------- inspect
@@ -192,25 +220,45 @@ def inspect_model(spec: str, input_size: Optional[Sequence[int]] = None, meta: b
     return sm, source, name
 
 
+def _rounded(coverage: Optional[float]) -> Optional[float]:
+    """Coverage for JSON: 6 decimals, or None (``null``: nothing mappable)."""
+    return None if coverage is None else round(float(coverage), 6)
+
+
 def _inspect_json(sm: ScalingMap, source: str, name: str) -> dict:
     return {
         "model": name,
         "source": source,
         "trace_seconds": round(float(sm.trace_seconds or 0.0), 4),
-        "coverage": round(float(sm.coverage), 6),
+        "coverage": _rounded(sm.coverage),
         "convs": sm.to_json(),
     }
 
 
 def _table(sm: ScalingMap) -> str:
     rows = [("conv", "out", "groups", "scaled by (norm@offset) / reason")]
+    frozen = set(sm.frozen_norms)
     for e in sm:
         what = ", ".join(
-            f"{r.norm}@{r.offset}" + (f"[{r.first}:{r.first + r.count}]" if r.count is not None else "") for r in e.scaled_by
+            f"{r.norm}@{r.offset}" + (f"[{r.first}:{r.first + r.count}]" if r.count is not None else "")
+            + (" (frozen)" if r.norm in frozen else "") for r in e.scaled_by
         ) if e.mapped else f"- {e.reason}"
         rows.append((e.name, str(e.out_channels), str(e.groups), what))
     w0 = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:>5}  {c:>6}  {d}" for a, b, c, d in rows)
+
+
+def _coverage_words(coverage: Optional[float]) -> str:
+    """``"97.5%"``, or ``"n/a (nothing mappable: no conv has an affine norm downstream)"``."""
+    if coverage is None:
+        return "n/a (nothing mappable: no conv has an affine norm downstream)"
+    return format_coverage(coverage, ".1%")
+
+
+def _frozen_note(sm: ScalingMap) -> str:
+    """`` (N frozen)`` when some scaling factors are frozen norms' buffers, else empty."""
+    n = sm.factors.n_frozen
+    return f" ({n} frozen: filtersurgery.unfreeze_norms makes them trainable)" if n else ""
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -222,7 +270,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_table(sm))
     print(
         f"\n{source}:{name}: {len(sm)} convs, {len(sm.mapped)} mapped, {len(sm.unscaled)} unscaled, "
-        f"{sm.factors.numel} scaling factors, coverage {sm.coverage:.1%}, traced in {sm.trace_seconds:.2f}s "
+        f"{sm.factors.numel} scaling factors{_frozen_note(sm)}, coverage {_coverage_words(sm.coverage)}, traced in {sm.trace_seconds:.2f}s "
         f"(input {tuple(sm.input_size) if sm.input_size else '?'})"
     )
     return 0
@@ -248,7 +296,7 @@ def _zoo_one(source: str, name: str, input_size, do_verify: bool, filters_per_co
         return row
     reasons = Counter(r.split(":")[0] for r in sm.unscaled.values())
     row.update(
-        trace_seconds=round(float(sm.trace_seconds), 4), coverage=round(float(sm.coverage), 6), convs=len(sm),
+        trace_seconds=round(float(sm.trace_seconds), 4), coverage=_rounded(sm.coverage), convs=len(sm),
         mapped=len(sm.mapped), unscaled=len(sm.unscaled), reasons=dict(reasons),
         tracer_misses=sum(1 for r in sm.unscaled.values() if not is_structural(r)),
     )
@@ -263,11 +311,12 @@ def _zoo_one(source: str, name: str, input_size, do_verify: bool, filters_per_co
 
 def _zoo_line(row: dict) -> str:
     head = f"{row['source']}:{row['model']}"
-    if row["error"] and row["coverage"] is None:
+    if row["error"] and row["trace_seconds"] is None:
         return f"{head:<44} ERROR {row['error']}"
+    cov = "    n/a" if row["coverage"] is None else f"{100 * row['coverage']:6.2f}%"
     line = (
         f"{head:<44} convs {row['convs']:4d}  mapped {row['mapped']:4d}  unscaled {row['unscaled']:3d}  "
-        f"coverage {100 * row['coverage']:6.2f}%  trace {row['trace_seconds']:.2f}s"
+        f"coverage {cov}  trace {row['trace_seconds']:.2f}s"
     )
     v = row["verify"]
     if v is not None:
@@ -280,18 +329,19 @@ def _zoo_line(row: dict) -> str:
 
 
 def _totals(rows: List[dict], do_verify: bool) -> dict:
-    ok = [r for r in rows if r["coverage"] is not None]
-    cov = [r["coverage"] for r in ok]
+    ok = [r for r in rows if r["trace_seconds"] is not None]  # traced (verify may still have failed)
+    cov = [r["coverage"] for r in ok if r["coverage"] is not None]
     t = {
         "models": len(rows),
         "traced": len(ok),
+        "coverage_na": sum(1 for r in ok if r["coverage"] is None),
         "errors": sum(1 for r in rows if r["error"]),
         "convs": sum(r["convs"] for r in ok),
         "mapped": sum(r["mapped"] for r in ok),
         "tracer_misses": sum(r["tracer_misses"] for r in ok),
         "mean_coverage": round(sum(cov) / len(cov), 6) if cov else None,
         "min_coverage": round(min(cov), 6) if cov else None,
-        "below_target": sorted(r["model"] for r in ok if r["coverage"] < COVERAGE_TARGET),
+        "below_target": sorted(r["model"] for r in ok if r["coverage"] is not None and r["coverage"] < COVERAGE_TARGET),
         "max_trace_seconds": round(max((r["trace_seconds"] for r in ok), default=0.0), 4),
     }
     if do_verify:
@@ -324,6 +374,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         )
         if totals["mean_coverage"] is not None:
             line += f", coverage mean {100 * totals['mean_coverage']:.2f}% min {100 * totals['min_coverage']:.2f}%"
+        if totals["coverage_na"]:
+            line += f" ({totals['coverage_na']} with coverage n/a: nothing mappable)"
         if args.verify:
             line += f", {totals['verified_filters']} filters verified, {totals['mismappings']} mis-mappings"
         print(line)

@@ -192,6 +192,14 @@ API += [
     ("graft: NaN scaling factor in model_b", lambda t: fs.graft(tiny(), nan_gamma()), ValueError,
      r"^model_b: 1 scaling factor is NaN/Inf \(first: layer1\.0\.bn1\.weight\[5\]\)"),
 ]
+API += [
+    ("sparsify: frozen batch norms", lambda t: fs.sparsify(fs.freeze_norms(tiny())), ValueError,
+     r"^model: 336 of 336 scaling factors are frozen \(9 FrozenBatchNorm2d norms, first: stem\.1\) and sparsify needs "
+     r"their gradients; call filtersurgery\.unfreeze_norms\(model\) first"),
+    ("unfreeze_norms: not a model", lambda t: fs.unfreeze_norms("resnet18"), ValueError,
+     r"^model: expected an nn\.Module, got str"),
+    ("freeze_norms: not a model", lambda t: fs.freeze_norms(None), ValueError, r"^model: expected an nn\.Module, got NoneType"),
+]
 if CUDA:  # pragma: no cover - the CPU CI has no CUDA
     API = [c for c in API if not c[0].startswith("resolve_device")]
 

@@ -41,8 +41,10 @@ def test_inspect_table_and_unscaled_reasons(capsys):
     assert rc == 0
     assert "features.0" in out and "no norm in the model" in out
     assert "26 convs, 0 mapped, 26 unscaled" in out
+    assert "coverage n/a (nothing mappable" in out and "coverage 100" not in out
     rc, out, _ = run(capsys, "inspect", "torchvision:squeezenet1_1", "--json")
     obj = json.loads(out)
+    assert obj["coverage"] is None and '"coverage": null' in out  # n/a: nothing is mappable
     assert all(c["scaled_by"] == [] and c["reason"] == "no norm in the model" for c in obj["convs"])
 
 
@@ -65,14 +67,19 @@ def test_zoo_verify_json(capsys):
     assert shuf["coverage"] == 1.0 and shuf["error"] is None
     assert shuf["verify"]["filters"] >= 56 and shuf["verify"]["mismappings"] == []
     assert obj["totals"]["mismappings"] == 0 and obj["totals"]["errors"] == 0 and obj["totals"]["traced"] == 2
+    squeeze = obj["models"][1]
+    assert squeeze["coverage"] is None and squeeze["mapped"] == 0 and squeeze["error"] is None
+    assert obj["totals"]["coverage_na"] == 1 and obj["totals"]["mean_coverage"] == 1.0  # n/a left out of the mean
+    assert obj["totals"]["below_target"] == []
 
 
 def test_zoo_human_lines(capsys):
     rc, out, _ = run(capsys, "zoo", "--source", "torchvision", "--filter", "squeezenet*")
     assert rc == 0
     lines = out.strip().splitlines()
-    assert lines[0].startswith("torchvision:squeezenet1_0") and "coverage 100.00%" in lines[0]
+    assert lines[0].startswith("torchvision:squeezenet1_0") and "coverage     n/a" in lines[0]
     assert lines[-1].startswith("total: 2 models, 2 traced, 0 errors")
+    assert lines[-1].endswith("(2 with coverage n/a: nothing mappable)") and "coverage mean" not in lines[-1]
 
 
 def test_list_cnns_skips_transformers():

@@ -259,7 +259,8 @@ def test_frozen_and_non_affine_norms():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False),
                       nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     sm = trace(m, torch.randn(1, 3, 8, 8))
-    assert sm.unscaled["0"] == "frozen norm (FrozenBatchNorm2d) has no trainable weight"
+    assert refs(sm, "0") == [("1", 0)] and sm.frozen_norms == ["1"]  # mapped, marked frozen
+    assert sm.factors.frozen == [True, False] and sm.factors.n_frozen == 4
     assert sm.unscaled["2"] == "norm has no affine weight"
     assert refs(sm, "4") == [("5", 0)]
     assert sm.coverage == 1.0
@@ -272,6 +273,18 @@ def test_squeezenet_all_unscaled_no_error():
     assert len(sm) == 26 and not sm.mapped
     assert set(sm.unscaled.values()) == {"no norm in the model"}
     assert sm.factors.numel == 0
+
+
+def test_coverage_is_none_when_nothing_is_mappable():
+    import torchvision
+
+    sm = trace(torchvision.models.squeezenet1_0(weights=None))
+    assert sm.coverage is None and "coverage=n/a" in repr(sm)  # n/a, not 100%
+    only_plain = trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)), torch.randn(1, 3, 8, 8))
+    assert only_plain.unscaled == {"0": "norm has no affine weight"} and only_plain.coverage is None
+    # one tracer miss makes it a number again: 0 of 1 mappable conv mapped
+    miss = trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 8, 8])), torch.randn(1, 3, 8, 8))
+    assert miss.coverage == 0.0 and "coverage=0.000" in repr(miss)
 
 
 def _state(model):
@@ -387,3 +400,75 @@ def test_verify_detects_a_wrong_offset():
     bad.input_size = sm.input_size
     wrong = verify(bad, (3, 32, 32), filters_per_conv=2)
     assert len(wrong.mismappings) == 2 and "layer1.0.bn1" in wrong.mismappings[0]
+
+
+class SharedNormSeq(nn.Module):
+    """One BN normalizes conv a's output and, after conv b, b's output: one module, two calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        return self.fc(torch.relu(self.bn(self.b(y))).mean((2, 3)))
+
+
+class SharedNormBranches(nn.Module):
+    """Two parallel branches through one BN, summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.c(self.bn(self.a(x)) + self.bn(self.b(x))))
+
+
+@pytest.mark.parametrize("cls", [SharedNormSeq, SharedNormBranches])
+def test_verify_shared_norm_called_twice(cls):
+    torch.manual_seed(0)
+    m = cls()
+    sm = trace(m, torch.randn(1, 3, 16, 16))
+    assert refs(sm, "a") == [("bn", 0)] and refs(sm, "b") == [("bn", 0)]
+    assert sm.factors.numel == 8 + (8 if cls is SharedNormBranches else 0)  # a shared channel is one factor
+    v = verify(sm, (3, 16, 16), filters_per_conv=8)
+    assert v.ok and v.filters == len(sm.mapped) * 8, v.mismappings
+    # trained: gammas, betas and running statistics away from their init
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(3):
+        out = m(torch.randn(4, 3, 16, 16))
+        loss = (out * torch.randn_like(out)).mean()  # a random direction: every parameter moves
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (m.bn.weight - 1).abs().max() > 1e-4 and (m.bn.running_mean != 0).all()
+    assert verify(trace(m, torch.randn(1, 3, 16, 16)), (3, 16, 16), filters_per_conv=8).ok
+    # a wrong offset on the shared norm is still found, in every call
+    bad = ScalingMap(m, {"a": copy.deepcopy(sm["a"])}, sm.norm_kinds)
+    bad["a"].scaled_by = [NormRef("bn", 1)]
+    wrong = verify(bad, (3, 16, 16), filters_per_conv=3)
+    assert len(wrong.mismappings) == 3
+    if cls is SharedNormSeq:  # call 1: channel c moved, not c + 1; call 2: the whole window (mixed by conv b)
+        assert wrong.mismappings[0] == "a[0] -> bn[1]: channels [2, 3, 4, 5, 6, 7] changed too (it changes alone in none of the norm's 2 calls)"
+
+
+def test_layernorm_channels_first_data_format_is_mapped():
+    """A LayerNorm subclass applied channels-first (Hugging Face's ConvNextLayerNorm) is a 2d norm."""
+
+    class ChannelsFirstLN(nn.LayerNorm):
+        def __init__(self, c):
+            super().__init__(c)
+            self.data_format = "channels_first"
+
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    m = nn.Sequential(nn.Conv2d(3, 6, 2, 2), ChannelsFirstLN(6), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    sm = trace(m, torch.randn(1, 3, 8, 8))
+    assert refs(sm, "0") == [("1", 0)] and sm.norm_kinds["1"] == "ln2d" and sm.coverage == 1.0
+    assert verify(sm, (3, 8, 8), filters_per_conv=6).ok
