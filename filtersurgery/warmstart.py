@@ -18,6 +18,7 @@ from a config object.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -188,8 +189,6 @@ class ShrinkPerturbReport:
 
 def _seeded(generator: Optional[torch.Generator]):
     """Context: the CPU default generator re-seeded from ``generator`` (restored afterwards)."""
-    import contextlib
-
     if generator is None:
         return contextlib.nullcontext()
     if not isinstance(generator, torch.Generator):
