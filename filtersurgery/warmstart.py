@@ -256,7 +256,8 @@ def shrink_perturb(
         bn_stats: ``"reset"`` (running mean 0, var 1, batch count 0: the state of a fresh
             initialization, as in the authors' code, which returns the fresh network) or
             ``"keep"``.
-        exclude: parameter-name prefixes to leave alone (e.g. ``"fc"`` for the classifier).
+        exclude: parameter-name prefixes to leave alone (e.g. ``"fc"`` for the classifier);
+            a norm layer under an excluded prefix also keeps its running statistics.
 
     Frozen parameters (``requires_grad=False``) are left alone. dtype, device, memory
     format and train/eval mode are kept. NaN/Inf weights raise a one-line ValueError before

@@ -97,6 +97,14 @@ def test_bn_stats_keep(resnet8):
         assert torch.equal(b, bufs[n]), n
 
 
+def test_excluded_module_keeps_its_bn_stats(resnet8):
+    bufs = _buffers(resnet8)
+    rep = fs.shrink_perturb(resnet8, 0.5, 0.0, exclude="layer1")
+    for n, b in resnet8.named_buffers():
+        assert torch.equal(b, bufs[n]) == n.startswith("layer1."), n
+    assert not any(n.startswith("layer1") for n in rep.bn_reset) and len(rep.bn_reset) == 7
+
+
 def test_noise_has_the_scale_of_the_default_init(resnet8):
     """init=None: noise = sigma * each layer's reset_parameters() draw (kaiming_uniform(a=sqrt 5): std 1/sqrt(3 fan_in))."""
     before = _params(resnet8)
@@ -336,6 +344,17 @@ def test_dash_with_batchloader_transform_and_bf16_autocast(demo, resnet8):
     assert all(torch.isfinite(p).all() for p in resnet8.parameters())
     assert resnet8.fc.weight.dtype == torch.float32
     assert rep16.mean_factor == pytest.approx(rep32.mean_factor, abs=0.05)
+
+
+def test_dash_on_a_bf16_channels_last_model(tiny):
+    m, x, y = tiny
+    ref = copy.deepcopy(m)
+    m = m.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    rep = fs.dash(m, [(x.to(torch.bfloat16), y)])
+    assert m[0].weight.dtype == torch.bfloat16 and m[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    rep32 = fs.dash(ref, [(x, y)])
+    assert rep.mean_factor == pytest.approx(rep32.mean_factor, abs=0.05)
 
 
 @pytest.mark.parametrize("spec", ["timm:mobilenetv3_small_050", "torchvision:shufflenet_v2_x0_5"])
