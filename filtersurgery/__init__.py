@@ -27,6 +27,9 @@ Partial network sharing (SPEC §6)
     share(model, share=0.8, num_classes) -> branch; BranchedNet(base, classes).add_branch(...)
     plan_share, share_plan, SharePlan, is_pinned, branch_state_dict, load_branch,
     max_prob_combine, training_cost -> TrainingCost
+Warm-starting on new data (Ash & Adams 2020; Shin et al. 2024)
+    shrink_perturb(model, shrink=0.4, noise=0.1) -> ShrinkPerturbReport
+    dash(model, loader, lam=0.3) -> DashReport             cos(w, -grad) shrinking
 Distillation (SPEC §3, §4)
     blocks(model), capture_blocks(model), attention_map(x), losses (AT, KL, JS, AOD, MSL, DML, LwM)
 Data and training (SPEC §8)
@@ -62,6 +65,9 @@ from .growth import (GrownNet, LinearHead, Partition, frozen_stages, grow, parti
 from .sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
                       max_prob_combine, plan_share, share, share_plan, training_cost)
 
+# --- warm-start operations (warmstart.py) ---
+from .warmstart import DashReport, ShrinkPerturbReport, dash, shrink_perturb
+
 # --- distillation (blockfeats.py, losses.py) ---
 from . import losses
 from .blockfeats import blocks, capture_blocks
@@ -92,6 +98,8 @@ __all__ = [
     # partial network sharing
     "share", "plan_share", "share_plan", "SharePlan", "BranchedNet", "is_pinned", "branch_state_dict",
     "load_branch", "max_prob_combine", "training_cost", "TrainingCost",
+    # warm-start operations
+    "shrink_perturb", "ShrinkPerturbReport", "dash", "DashReport",
     # distillation
     "blocks", "capture_blocks", "attention_map", "losses",
     # data and training
