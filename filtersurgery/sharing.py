@@ -524,6 +524,18 @@ class TrainingCost:
         return self.forward_macs + self.backward_macs
 
 
+def _output_width(net: nn.Module, x1: torch.Tensor) -> int:
+    """Number of outputs of ``net`` for the one-image batch ``x1``, from an eval-mode forward.
+
+    Eval mode: in train mode a BatchNorm whose input is ``1 x 1`` (the last feature map of
+    a small image) cannot normalize a single value per channel. Every module's mode is
+    restored afterwards.
+    """
+    with _modes_saved(net), torch.no_grad():
+        net.eval()
+        return int(net(x1).shape[1])
+
+
 def _count_macs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -573,8 +585,7 @@ def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Op
     m = copy.deepcopy(unwrap(model))
     m.train()
     x = example_input
-    with torch.no_grad():
-        n_out = num_classes or int(m(x[:1]).shape[1])
+    n_out = num_classes or _output_width(m, x[:1])
     y = torch.randint(0, n_out, (x.shape[0],), device=x.device)
     fwd, bwd = _count_macs(m, x, y)
     params = [p for p in m.parameters() if p.requires_grad]
