@@ -251,6 +251,7 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
     checkpoint.save_state_dict(model.state_dict(), final_path)
     metrics = write_metrics(out, run.data, config, [entry])
     state_path.unlink(missing_ok=True)
+    checkpoint.remove_empty_dir(run.work)
     return metrics
 
 

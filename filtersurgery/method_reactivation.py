@@ -366,6 +366,8 @@ def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir, seed: int, d
     for f in run.work.glob("step1_*.safetensors"):
         f.unlink()
     (run.work / STATE_FILE).unlink(missing_ok=True)
+    opts_path.unlink(missing_ok=True)  # metrics.json now holds the method options
+    checkpoint.remove_empty_dir(run.work)
     return metrics
 
 

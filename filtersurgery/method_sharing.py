@@ -291,7 +291,9 @@ def run_sharing(cfg: TrainConfig, class_sets: List[List[int]], share_frac: float
     if flops is not None:
         entry["train_flops"] = flops
     config = {**asdict(cfg), "seed": seed, "class_sets": class_sets, "share": share_frac}
-    return write_metrics(out, data, config, [entry], **extra)
+    metrics = write_metrics(out, data, config, [entry], **extra)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
 
 
 def _cost_summary(cfg: TrainConfig, data: ImageData, dev, base: nn.Module, branch: nn.Module, n_out: int) -> Dict:
@@ -349,7 +351,9 @@ def run_class_finetune(cfg: TrainConfig, class_sets: List[List[int]], out_dir, s
         n_imgs = [len(r.part_xy([0], "train")[1]) for r in runs]
         entry["train_flops"] = int(sum(2 * c.train_macs / cfg.batch_size * n * cfg.epochs for n in n_imgs))
     config = {**asdict(cfg), "seed": seed, "class_sets": class_sets}
-    return write_metrics(out, data, config, [entry], **extra)
+    metrics = write_metrics(out, data, config, [entry], **extra)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
 
 
 # --------------------------------------------------------------------------- sweep

@@ -78,6 +78,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     subset: Optional[int] = None  # training images per part
+    image_size: Optional[int] = None  # image folders only (default: the images' own size, else 224)
     val_fraction: float = 0.1
     # SST / Dri / AOD / MSL
     target_r: float = 0.3
@@ -129,6 +130,8 @@ class TrainConfig:
                 raise ValueError(f"dri_I: each I needs target_r + I < 1 - I (target_r={self.target_r}), got {I}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ValueError(f"image_size: must be an integer >= 1 (pixels), got {self.image_size!r}")
         if self.subset is not None and self.subset <= 0:
             raise ValueError(f"subset: must be >= 1 images per part, got {self.subset}")
         if self.students not in (1, 2):
@@ -308,7 +311,8 @@ class Run:
         self.cfg, self.seed, self.out = cfg, seed, Path(out_dir)
         self.device = resolve_device(cfg.device)
         self.amp = amp_dtype(cfg, self.device)
-        self.data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+        self.data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
+                                                               image_size=cfg.image_size)
         parts = cfg.steps if cfg.split == "multi" else 2
         self.parts = split_parts(self.data.train_y, parts, seed=seed, val_fraction=cfg.val_fraction, subset=cfg.subset)
         self.work = self.out / ".work"
@@ -450,7 +454,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     for s in students:
         s.train()
     nets = _ddp_wrap(students, dev)  # what the batch loss calls (the students themselves without torchrun)
-    desc = f"seed{run.seed} step{step} {phase.name}"
+    desc = f"{cfg.method} seed{run.seed} step{step} {phase.name}"
     pending: List[Dict] = []  # epochs.csv rows not yet covered by a saved state
     saved_at = time.time()
     for epoch in range(start_epoch, phase.epochs):
@@ -694,7 +698,22 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
                 f.unlink()
             (run.work / STATE_FILE).unlink(missing_ok=True)
         barrier()
+    if is_main_process():
+        checkpoint.remove_empty_dir(run.work)
     return metrics
+
+
+def resume_point(out_dir) -> Optional[Dict]:
+    """Where a re-run into ``out_dir`` continues inside a phase: ``{"step", "phase", "epoch"}``
+    (``epoch``: epochs of that phase already finished) from ``out_dir/.work/state.pt``, or
+    None when there is no such state. Reads only the state's small ``extra`` part."""
+    path = Path(out_dir) / ".work" / STATE_FILE
+    if not path.is_file():
+        return None
+    extra = checkpoint.peek_training_state(path)
+    if not {"step", "phase", "epoch"} <= set(extra):
+        return None
+    return {"step": int(extra["step"]), "phase": str(extra["phase"]), "epoch": int(extra["epoch"])}
 
 
 def single_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None, **kw) -> Dict:
