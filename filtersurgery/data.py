@@ -369,7 +369,7 @@ def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
                 im = im.resize((nw, nh), Image.BILINEAR)
             left, top = (nw - size) // 2, (nh - size) // 2
             im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.uint8)
+            a = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     except OSError as e:
         raise ValueError(f"cannot decode image {path}: {e}") from None
     if a.ndim == 2:

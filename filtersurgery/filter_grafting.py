@@ -58,6 +58,9 @@ class GraftReport:
     def mean_coef_a(self) -> float:
         return sum(l.coef_a for l in self.layers) / max(1, len(self.layers))
 
+    def __repr__(self) -> str:
+        return f"GraftReport(a={self.a}, c={self.c}, {len(self.layers)} layers, mean coef_a {self.mean_coef_a:.4f})"
+
 
 def layer_entropy(weight: torch.Tensor, bins: int = 10) -> float:
     """Entropy (nats) of the ``bins``-bin histogram of ``weight`` over its [min, max] (Meng et al. §3.2)."""

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import augment, checkpoint
-from .data import ImageData, load_dataset
+from .data import ImageData, check_classes, load_dataset
 from .models import build_model
 from .sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
 from .train import STATE_FILE, Phase, Run, TrainConfig, resolve_device, run_phase, write_metrics
@@ -512,11 +512,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """``filtersurgery sweep-sharing``: train every share, write the curve, pick the share on validation."""
     cfg = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, download=args.download,
                       method="sharing", split="multi", steps=1, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, subset=args.subset, device=args.device, amp=args.amp,
+                      lr=args.lr, subset=args.subset, image_size=args.image_size, device=args.device, amp=args.amp,
                       channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress)
     cfg.validate()
     build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
-    data = load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, subset_test=args.test_subset)
+    data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
+                                      subset_test=args.test_subset, image_size=cfg.image_size))
     sets = class_sets_from(args.class_sets, data.num_classes)
     res = sweep_sharing(cfg, sets, _floats(args.shares), Path(args.out), seeds=args.seeds, data=data,
                         max_drop=args.max_drop, cost=not args.no_cost)
@@ -558,11 +559,16 @@ def format_table(rows: List[Dict]) -> str:
 def add_parsers(sub) -> None:
     """Register ``sweep-sharing`` (add this module to ``cli.COMMAND_MODULES``)."""
     d = TrainConfig()
-    p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (SPEC §6)")
-    p.add_argument("--model", default=d.model, help="timm:NAME, torchvision:NAME, cifar:resnetN (default %(default)s)")
-    p.add_argument("--data", default=d.data, help="fashion-mnist | cifar100 | imagefolder:PATH | demo")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--download", action="store_true")
+    from .runner import DATA_HELP, MODEL_HELP
+
+    p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
+    p.add_argument("--model", default=d.model, help=f"{MODEL_HELP} (default %(default)s)")
+    p.add_argument("--data", default=d.data, help=f"{DATA_HELP} (default %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files (docs/data.md: search order)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
+    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                   help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
+                        "they all share one, else 224)")
     p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
     p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
                    help="comma-separated shares to train (0 is always added; default %(default)s)")
@@ -570,16 +576,18 @@ def add_parsers(sub) -> None:
                    help="chosen = largest share with all-class validation accuracy within this many points of "
                         "no sharing (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per network (default %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", default="runs/sweep_sharing")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    p.add_argument("--out", default="runs/sweep_sharing", help="output folder (default %(default)s)")
     p.add_argument("--subset", type=int, default=None, help="N training images per class set")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed class-balanced subset of N test images")
-    p.add_argument("--lr", type=float, default=None, help="branch learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--lr", type=float, default=None,
+                   help="branch learning rate (default 1e-3; the base network trains at 0.1)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (default %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--no-cost", action="store_true", help="skip the per-configuration cost measurement")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     p.set_defaults(func=cmd_sweep)

@@ -58,6 +58,10 @@ class ReactivationReport:
     def __bool__(self) -> bool:  # True when something was reactivated
         return self.kernels > 0
 
+    def __repr__(self) -> str:
+        return (f"ReactivationReport(alpha={self.alpha}, beta={self.beta}, gamma_t={self.gamma_t:.4g}, "
+                f"{self.invalid_filters} invalid filters, {self.kernels} kernels in {len(self.layers)} convs)")
+
     def table(self) -> str:
         """Plain-text table of the per-layer counts."""
         rows = [f"{'conv':40s} {'filters':>7s} {'C1':>5s} {'C1&C2':>6s} {'kernels':>8s}"]

@@ -59,6 +59,11 @@ class RescaleReport:
     def __len__(self) -> int:
         return int(self.factors.numel())
 
+    def __repr__(self) -> str:
+        lo, hi = self.range
+        return (f"RescaleReport(target_r={self.target_r}, I={self.I}, re-initialized {len(self)} factors "
+                f"from a pool of {self.pool_size}, |gamma| range [{lo:.4g}, {hi:.4g}])")
+
 
 @torch.no_grad()
 def rescale(

@@ -76,6 +76,9 @@ class FactorView:
         """Number of scaling factors (``(norm, channel)`` pairs that scale at least one filter)."""
         return sum(int(c.numel()) for c in self.channels)
 
+    def __repr__(self) -> str:
+        return f"FactorView({self.numel} factors in {len(self.norms)} norms)"
+
     def gammas(self) -> torch.Tensor:
         """All scaling factors as one detached float32 vector (global factor order)."""
         if not self.params:

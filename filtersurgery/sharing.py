@@ -91,6 +91,10 @@ class SharePlan:
             d.pop(k)
         return d
 
+    def __repr__(self) -> str:
+        return (f"SharePlan(share={self.share}, shared {self.n_shared_layers}/{len(self.layers)} layers = "
+                f"{100 * self.shared_fraction:.1f}% of conv params, cut at {self.cut!r}, classifier {self.classifier!r})")
+
 
 @contextmanager
 def _modes_saved(net: nn.Module) -> Iterator[None]:
@@ -522,6 +526,12 @@ class TrainingCost:
     def train_macs(self) -> int:
         """MACs of one training iteration: forward + backward."""
         return self.forward_macs + self.backward_macs
+
+    def __repr__(self) -> str:
+        t = f", {self.sec_per_iter * 1e3:.1f} ms/iter" if self.sec_per_iter is not None else ""
+        m = f", peak {self.peak_mem_mb:.0f} MB" if self.peak_mem_mb is not None else ""
+        return (f"TrainingCost(batch {self.batch_size}, {self.train_macs / 1e6:.1f} MMACs/iter, "
+                f"{self.trainable_params}/{self.params} params trainable{t}{m})")
 
 
 def _output_width(net: nn.Module, x1: torch.Tensor) -> int:

@@ -60,6 +60,10 @@ class EvolutionReport:
     def __bool__(self) -> bool:  # True when some weight was replaced
         return self.weights > 0
 
+    def __repr__(self) -> str:
+        return (f"EvolutionReport(alpha={self.alpha}, beta={self.beta}, {self.invalid_filters} invalid filters, "
+                f"{self.weights} weights in {len(self.layers)} convs)")
+
 
 def donor_weights(weight: torch.Tensor, best: int) -> torch.Tensor:
     """For every input channel ``i``: the signed weight of largest |w| in kernel ``weight[best, i]``."""
