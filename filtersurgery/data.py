@@ -1,4 +1,4 @@
-"""Datasets, the SPEC §8 split protocol and a device-resident batch loader.
+"""Datasets, the docs/method.md §8 split protocol and a device-resident batch loader.
 
 One interface for every dataset: :class:`ImageData`. Its image fields (``train_x``,
 ``test_x``) are either a ``uint8`` tensor ``[N, C, H, W]`` held in memory (Fashion-MNIST,
@@ -546,7 +546,7 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
 _ROOTED = ("fashion-mnist", "fashion_mnist", "fashionmnist", "cifar100", "cifar-100")
 
 
-# --------------------------------------------------------------------------- splits (SPEC §8)
+# --------------------------------------------------------------------------- splits (docs/method.md §8)
 
 
 def _shuffled_by_class(y: torch.Tensor, g: torch.Generator) -> List[torch.Tensor]:
@@ -588,7 +588,7 @@ def _quotas(available: Sequence[int], n: int, g: torch.Generator) -> List[int]:
 
 def split_parts(y: torch.Tensor, parts: int, seed: int, val_fraction: float = 0.1,
                 subset: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """SPEC §8: a random, seeded, non-overlapping, class-balanced partition into ``parts``.
+    """docs/method.md §8: a random, seeded, non-overlapping, class-balanced partition into ``parts``.
 
     Every class's samples are shuffled (generator seeded with ``seed``) and dealt to the
     parts in turn, the starting part rotating from class to class, so each part holds

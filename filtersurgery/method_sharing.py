@@ -1,4 +1,4 @@
-"""Partial network sharing as a training method, its baselines, and the sharing sweep (SPEC §6, issue 7).
+"""Partial network sharing as a training method, its baselines, and the sharing sweep (docs/method.md §6).
 
 CLI methods (``filtersurgery run --method M``), class-incremental over ``--class-sets``
 (sizes in label order, e.g. ``4,3,3``: classes 0-3, then 4-6, then 7-9):
@@ -16,7 +16,7 @@ CLI methods (``filtersurgery run --method M``), class-incremental over ``--class
 ================== ==============================================================================
 
 Each set's data is its classes' share of the training set (``--subset N``: N training
-images per set), 10% of it held out for validation (SPEC §8); the test accuracy is read on
+images per set), 10% of it held out for validation (docs/method.md §8); the test accuracy is read on
 the official test set. ``metrics.json`` has one entry whose ``test_acc``/``val_acc`` are the
 all-class accuracies (prediction over all classes of the sets); ``per_set`` lists, per
 class set, the accuracy within the set (``test_acc``: the branch on its own classes, the
@@ -381,7 +381,7 @@ def _mean(v):
 def sweep_sharing(cfg: TrainConfig, class_sets: List[List[int]], shares: Sequence[float], out_dir,
                   seeds: Sequence[int] = (0,), data: Optional[ImageData] = None, max_drop: float = 1.0,
                   cost: bool = True, title: str = "") -> Dict:
-    """The accuracy-vs-sharing curve (paper §3.4, SPEC §6) -> ``sweep.csv``, ``sweep.json``, ``sweep.png``.
+    """The accuracy-vs-sharing curve (paper §3.4, docs/method.md §6) -> ``sweep.csv``, ``sweep.json``, ``sweep.png``.
 
     ``share = 0`` (no sharing, the reference) is always included. Shares that give the same
     shared prefix (same number of shared layers) are trained once. The base network of a

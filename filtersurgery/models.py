@@ -1,6 +1,6 @@
-"""Build timm / torchvision models from a ``SPEC`` string, and list the CNNs of each source.
+"""Build timm / torchvision models from a model ``spec`` string, and list the CNNs of each source.
 
-``SPEC`` is ``timm:NAME``, ``torchvision:NAME``, ``cifar:resnetDEPTH`` (the CIFAR-style
+A ``spec`` is ``timm:NAME``, ``torchvision:NAME``, ``cifar:resnetDEPTH`` (the CIFAR-style
 ResNet of :mod:`filtersurgery.cifar_resnet`) or a bare timm ``NAME``. Models are built
 with random weights (``pretrained=False`` / ``weights=None``).
 """

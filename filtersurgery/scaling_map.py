@@ -1,6 +1,6 @@
 """The ScalingMap: which normalization weight (gamma) scales each conv filter.
 
-SPEC §0: the *scaling factor* of filter ``c`` of a conv is the per-channel affine weight
+docs/method.md §0: the *scaling factor* of filter ``c`` of a conv is the per-channel affine weight
 of the norm layer that normalizes that filter's output channel. A filter may land on
 several norms (DenseNet concatenation); a conv with no such norm is *unscaled* and
 carries a reason.
@@ -58,7 +58,7 @@ class ConvEntry:
 
 @dataclass
 class FactorView:
-    """Flat, cached view of every scaling factor of the model (SPEC §1 candidates).
+    """Flat, cached view of every scaling factor of the model (docs/method.md §1 candidates).
 
     ``params[i]`` is the weight tensor of norm ``norms[i]``; ``channels[i]`` the (sorted,
     unique) channel indices of that norm that scale at least one conv filter. The global

@@ -1,4 +1,4 @@
-"""Partial network sharing for new classes (SPEC §6; partial-network-sharing paper §3.3-3.4).
+"""Partial network sharing for new classes (docs/method.md §6; partial-network-sharing paper §3.3-3.4).
 
 Class-incremental learning without forgetting: a base network is trained on the first
 class set; for each later set a *branch* is cloned from it, the first ``share`` fraction
@@ -170,7 +170,7 @@ def _check_share(share: float) -> float:
 
 
 def plan_share(model: nn.Module, share: float = 0.8, example_inputs=None) -> SharePlan:
-    """Decide which part of ``model`` a branch shares (SPEC §6; module docstring for the rule).
+    """Decide which part of ``model`` a branch shares (docs/method.md §6; module docstring for the rule).
 
     ``share``: fraction in ``[0, 1]`` of the counted (conv) parameters to share, taken as the
     longest forward-order prefix of counted layers not exceeding it. ``example_inputs``: a
@@ -267,7 +267,7 @@ def head_size(model: nn.Module, plan: Optional[SharePlan] = None) -> Optional[in
 
 
 def share(model: nn.Module, share: float = 0.8, num_classes: Optional[int] = None, example_inputs=None) -> nn.Module:
-    """A branch of ``model`` that shares its first ``share`` of conv parameters (SPEC §6).
+    """A branch of ``model`` that shares its first ``share`` of conv parameters (docs/method.md §6).
 
     Returns a deep copy of ``model`` (the model itself is not modified) in which the shared
     part (:func:`plan_share`) is frozen and its norms are kept in eval mode, so training the
@@ -575,7 +575,7 @@ def _cpu_peak_mb(step) -> Optional[float]:
 
 def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Optional[int] = None,
                   iters: int = 10, warmup: int = 2, measure: bool = True) -> TrainingCost:
-    """Training cost of ``model`` per iteration on a batch like ``example_input`` (SPEC §6).
+    """Training cost of ``model`` per iteration on a batch like ``example_input`` (docs/method.md §6).
 
     MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2) on one forward and one
     backward pass of a cross-entropy loss: autograd computes no weight gradient for frozen

@@ -1,4 +1,4 @@
-"""Selective sparsity training (SST) and its baseline BST — multistep paper III-B, SPEC §1.
+"""Selective sparsity training (SST) and its baseline BST — multistep paper III-B, docs/method.md §1.
 
 ``sp = filtersurgery.sparsify(model, target_r=0.3, epochs=90)`` returns a
 :class:`Sparsifier`. Inside any training loop::
@@ -45,7 +45,7 @@ def e_cut_of(e_max: int, e_cut_fraction: float = 1.0 / 3.0) -> float:
 
 @dataclass
 class SparsityConfig:
-    """Options of :func:`sparsify` (defaults: SPEC §1)."""
+    """Options of :func:`sparsify` (defaults: docs/method.md §1)."""
 
     target_r: float = 0.3
     epochs: Optional[int] = None  # E_max; None: SP_r = Target_r from the start
@@ -77,7 +77,7 @@ class Sparsifier:
             ``factors.locate(k)`` gives ``(norm, channel)``): the smallest ``SP_r`` fraction
             by |gamma|, re-selected by :meth:`set_epoch`. A factor reached by several conv
             paths is one entry.
-        switched: True once the early switch of SPEC §1 fired (sticky); ``switch_epoch``
+        switched: True once the early switch of docs/method.md §1 fired (sticky); ``switch_epoch``
             is the epoch at whose start it fired (None if it has not).
         zero_tol: |gamma| at or below which a factor counts as converged to 0.
         history: one dict per :meth:`set_epoch` call (epoch, sp_r, n_targets, n_converged).
@@ -136,7 +136,7 @@ class Sparsifier:
         self.epoch = int(epoch)
         n_conv = int((g <= self.zero_tol).sum())
         if self.config.selective and not self.switched and n_conv >= fraction_count(self.target_r, self.n):
-            self.switched, self.switch_epoch = True, self.epoch  # SPEC §1 early switch: Target_r already ~0
+            self.switched, self.switch_epoch = True, self.epoch  # docs/method.md §1 early switch: Target_r already ~0
         self.sp_r = self.target_r if self.switched else self.scheduled_sp_r(self.epoch)
         self._select(smallest_mask(g, self.sp_r))
         self.history.append(
@@ -183,7 +183,7 @@ class Sparsifier:
 
     # --------------------------------------------------------------- results
     def useless(self) -> torch.Tensor:
-        """Per-factor mask of the ``Target_r`` fraction with the smallest |gamma| now (SPEC §1)."""
+        """Per-factor mask of the ``Target_r`` fraction with the smallest |gamma| now (docs/method.md §1)."""
         return smallest_mask(checked_gammas(self.factors).abs(), self.target_r)
 
     def converged(self) -> torch.Tensor:
@@ -296,7 +296,7 @@ def sparsify(
     loss_fn: Optional[Callable] = None,
     device=None,
 ) -> Sparsifier:
-    """Selective sparsity training (multistep paper III-B, eq. 1-3; SPEC §1).
+    """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md §1).
 
     Args:
         model: a model (traced with :func:`filtersurgery.trace`) or a ScalingMap.

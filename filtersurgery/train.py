@@ -1,4 +1,4 @@
-"""The multi-step trainer: SPEC §1-4 composed into steps, plus the §9 baselines.
+"""The multi-step trainer: docs/method.md §1-4 composed into steps, plus the §9 baselines.
 
 Read top to bottom, a step of the framework is::
 
@@ -61,7 +61,7 @@ STATE_FILE = "state.pt"
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Defaults are SPEC §1-4 and paper IV-B's."""
+    """Everything a run needs. Defaults are docs/method.md §1-4 and paper IV-B's."""
 
     model: str = "timm:resnet18"
     data: str = "fashion-mnist"
@@ -494,7 +494,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         if sp is not None:
             row["sp_r"] = round(float(sp.sp_r), 4)
         if teacher is not None and phase.kind == "sst_msl" and cfg.teacher_update and vals[0] > teacher_val:
-            teacher.load_state_dict(students[0].state_dict())  # SPEC §4 teacher update
+            teacher.load_state_dict(students[0].state_dict())  # docs/method.md §4 teacher update
             teacher_val = vals[0]
             row["teacher_updated"] = 1
         extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
@@ -520,7 +520,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         p.requires_grad_(True)
     if len(students) == 1:
         out = students[0]
-    else:  # SPEC §3: the better student on the current data's validation split
+    else:  # docs/method.md §3: the better student on the current data's validation split
         vals = [run.acc(s, phase.parts) for s in students]
         out = students[max(range(len(students)), key=lambda i: vals[i])]
     if is_main_process():
@@ -572,7 +572,7 @@ def _progress(it, desc: str, total: int, enable: bool):
 
 
 def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_names, last_block) -> torch.Tensor:
-    """The loss of one batch for ``phase.kind`` (SPEC §1-4, §9)."""
+    """The loss of one batch for ``phase.kind`` (docs/method.md §1-4, §9)."""
     cfg, data, dev = run.cfg, run.data, run.device
     ac = dict(device_type=dev.type, dtype=run.amp, enabled=run.amp is not None)
     norm = lambda x: augment.normalize(x, data.mean, data.std)  # noqa: E731

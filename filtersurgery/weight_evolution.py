@@ -1,6 +1,6 @@
 """Weight Evolution (WE; Lin et al., ACM MM 2021) as the kernel-reactivation paper describes it.
 
-SPEC §5/§9 baseline: "WE selects an invalid filter based on the L1 norm, and then
+docs/method.md §5/§9 baseline: "WE selects an invalid filter based on the L1 norm, and then
 conducts reactivation by replacing only one weight in all kernels of the invalid filter
 with the largest weight value in all kernels in the most valid filter."
 

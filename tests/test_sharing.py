@@ -1,4 +1,4 @@
-"""Partial network sharing (SPEC §6): share(), BranchedNet, the cost model, the CLI methods and the sweep."""
+"""Partial network sharing (docs/method.md §6): share(), BranchedNet, the cost model, the CLI methods and the sweep."""
 import argparse
 import csv
 import json
