@@ -329,7 +329,12 @@ def banner(cfg: TrainConfig, data: ImageData, args: argparse.Namespace, out: Pat
             steps.setdefault(p.step, []).append(p.name)
         sched = " | ".join("+".join(v) for v in steps.values())
         lines.append(f"  epochs   {cfg.epochs} per phase; {len(steps)} step(s): {sched}")
-    else:
+    else:  # growth: one data set, the number of epochs per stage is decided while training
+        n_train, n_val = _part_sizes(data.train_y, 1, cfg, args.seeds[0])[0]
+        sub = f" (--subset {cfg.subset})" if cfg.subset else ""
+        cap = f", capped by --max-batches {cfg.max_batches}" if cfg.max_batches else ""
+        lines.append(f"  images   {n_train} train + {n_val} val{sub}")
+        lines.append(f"  batches  {batches_per_epoch(n_train, cfg)} per epoch (batch size {cfg.batch_size}{cap})")
         lines.append(f"  epochs   at most {cfg.epochs} per stage (the growth rule decides)")
     lines.append(f"  output   {out}")
     return lines
@@ -341,7 +346,9 @@ def estimate_line(plan: Sequence[PlannedPhase], sec_per_batch: float, cfg: Train
     how = (f"{sec_per_batch:.3g} s per batch of {cfg.batch_size} timed on {device}"
            + (", measured on 32-image batches and scaled" if device.type != "cuda" and cfg.batch_size > 32 else ""))
     if not plan:
-        return f"  estimate {how}; the number of epochs is decided while training"
+        n_train = _part_sizes(data.train_y, 1, cfg, 0)[0][0]
+        epoch = format_duration(batches_per_epoch(n_train, cfg) * sec_per_batch)
+        return f"  estimate about {epoch} per epoch of the whole network ({how}); the number of epochs is decided while training"
     runs = list(resumes) or [None]
     sec = sum(estimate_seconds(plan, sec_per_batch, cfg, len(data.test_y), skip=r) for r in runs)
     left = " left" if any(r is not None and not r.fresh for r in runs) else ""
