@@ -1,4 +1,4 @@
-"""Incremental growth with look-ahead vs random init vs regular training (SPEC §7) on Fashion-MNIST.
+"""Incremental growth with look-ahead vs random init vs regular training (docs/method.md §7) on Fashion-MNIST.
 
 For each model (timm resnet18 with in_chans=1, the CIFAR-style ResNet-32) and seed:
 

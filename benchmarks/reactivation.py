@@ -1,4 +1,4 @@
-"""Kernel reactivation vs plain training, Weight Evolution and Filter Grafting (issue 6, SPEC §5).
+"""Kernel reactivation vs plain training, Weight Evolution and Filter Grafting (docs/method.md §5).
 
 Fashion-MNIST, methods ``plain``, ``reactivation``, ``weight-evolution``,
 ``filter-grafting`` (``filtersurgery.method_reactivation``), 3 seeds, test accuracy

@@ -1,4 +1,4 @@
-"""Partial network sharing benchmark (SPEC §6, issue 7).
+"""Partial network sharing benchmark (docs/method.md §6).
 
 Class-incremental Fashion-MNIST (class sets 4,3,3 in label order, the paper's CIFAR-10
 split): the accuracy-vs-sharing sweep (``sweep_sharing``: base trained once, one branch
@@ -8,7 +8,7 @@ per new set for every share, the chosen configuration = largest share within
 
 The branch/fine-tuning learning rate is chosen on validation: every value of ``--lr-grid``
 is tried for the no-sharing reference (share 0) and the one with the best all-class
-validation accuracy is used for the whole sweep and for class-finetune (SPEC §9: 1e-3 is
+validation accuracy is used for the whole sweep and for class-finetune (docs/method.md §9: 1e-3 is
 the paper's fine-tuning lr, 1e-2 the tuned variant).
 
 Full size (GPU):

@@ -1,7 +1,7 @@
 """Fig. 3 of the multistep paper at full size: SST vs BST from the same trained model.
 
 A timm resnet18 (``in_chans=1``) is trained from scratch on Data1 (the first half of a
-seeded, class-balanced 1:1 split of the Fashion-MNIST training set, SPEC §8), then
+seeded, class-balanced 1:1 split of the Fashion-MNIST training set, docs/method.md §8), then
 sparsity-trained on Data1 twice from the same weights and with the same data order:
 SST (``selective=True``) and BST (``selective=False``, network slimming). Printed per
 network: the mean |gamma| of the remaining factors (without the Target_r smallest) and its
@@ -10,7 +10,7 @@ factors at ~0, the validation accuracy (10% of Data1) and, for reference, the ac
 the official test set (reported, never used for a choice). Writes the Fig. 3 PNG.
 
 lambda: ``--lam`` takes one or more values, each run as its own BST/SST pair from the same
-pre-trained model (default 1e-4, the library/SPEC default, and 1e-3 at full size; 1e-3 and
+pre-trained model (default 1e-4, the library default, and 1e-3 at full size; 1e-3 and
 ``auto`` for ``--cpu-small``). ``auto`` keeps lambda x (number of sparsity steps) equal to
 network slimming's CIFAR schedule (1e-4 x 300 epochs x 196 steps): the same total L1 pull
 in a short run. The PNG (``--png``) shows the first lambda; the others go to ``--out``.

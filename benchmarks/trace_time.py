@@ -1,6 +1,6 @@
-"""Per-model ``filtersurgery.trace`` time on CPU for the models of issue 2.
+"""Per-model ``filtersurgery.trace`` time on CPU for the README's tracer table.
 
-    python benchmarks/trace_time.py [--repeat 3] [--threads 1] [--check-real] [SPEC ...]
+    python benchmarks/trace_time.py [--repeat 3] [--threads 1] [--check-real] [MODEL ...]
 
 Prints, per model, the best and median wall time of ``trace(model)`` (default input,
 i.e. the meta-device trace at the model's own input size), the number of convs and the

@@ -1,8 +1,8 @@
-"""Cost of the trainer, measured side by side in one run (issue 5).
+"""Cost of the trainer, measured side by side in one run.
 
 Two ratios, each from the same model, data and batch order:
 
-1. AOD step (two students, SPEC §3) / single-student step (the same two augmented views,
+1. AOD step (two students, docs/method.md §3) / single-student step (the same two augmented views,
    CE + consistency, one student). Goal: <= 2.05.
 2. The trainer's fine-tune epoch (``train.run_phase``, with its per-epoch validation,
    resumable state and logging) / a minimal hand-written loop (random crop + flip,

@@ -1,6 +1,6 @@
 """The multi-step framework vs fine-tuning on CIFAR-100 (the multistep paper's setting).
 
-CIFAR-100's training set is split 1:1:1:1 (SPEC §8); step 1 trains Data1 from scratch,
+CIFAR-100's training set is split 1:1:1:1 (docs/method.md §8); step 1 trains Data1 from scratch,
 steps 2-4 see only their own part. ``framework`` = SST (+ the multi-step loss from step
 3) -> Dri x2 -> AOD -> the better student on validation; ``finetune`` = cross-entropy on
 the new part at lr 1e-3. Model: the CIFAR ResNet-32 of the paper's Table 7

@@ -1,6 +1,6 @@
 """The multi-step framework vs fine-tuning on Fashion-MNIST, through ``filtersurgery.train``.
 
-The training set is split into ``--steps`` equal, class-balanced parts (SPEC §8). Step 1
+The training set is split into ``--steps`` equal, class-balanced parts (docs/method.md §8). Step 1
 trains Data1 from scratch; every later step sees only its own part:
 
 - ``finetune``: the previous model trained on the new part with cross-entropy (lr 1e-3);

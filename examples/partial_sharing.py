@@ -1,6 +1,6 @@
 """Partial network sharing: add new classes without the old data and without forgetting.
 
-Fashion-MNIST's classes arrive in three sets: 0-3, then 4-6, then 7-9 (SPEC §6).
+Fashion-MNIST's classes arrive in three sets: 0-3, then 4-6, then 7-9 (docs/method.md §6).
 
 1. a base network is trained on set 1 only;
 2. for each new set, ``branch = filtersurgery.share(base, share=0.8, num_classes=3)`` is

@@ -19,7 +19,7 @@ Usage (Fashion-MNIST; the embedded 6000-image subset is used when the full set i
     python examples/sparsify_timm_backbone.py --model resnet50 --epochs 30 --train-images 60000 --device cuda
     python examples/sparsify_timm_backbone.py --smoke               # seconds; what the tests run
 
-The default ``--lam 1e-4`` is SPEC §1's (network slimming's) value for long schedules;
+The default ``--lam 1e-4`` is docs/method.md §1's (network slimming's) value for long schedules;
 with only a few epochs few factors reach ~0 (printed below), pass e.g. ``--lam 1e-2``
 to see SST separate the factors within a short run.
 """

@@ -12,27 +12,27 @@ Tracing
     unfreeze_norms(model), freeze_norms(model)             frozen batch norms <-> trainable ones
     check_trainable(sm, op)                                refuse frozen factors where gradients are needed
     build_model(spec, num_classes, in_chans), list_cnns(source)
-Sparsity, ranking, re-initialization (SPEC §1, §2)
+Sparsity, ranking, re-initialization (docs/method.md §1, §2)
     sparsify(model, target_r=0.3, epochs=E) -> Sparsifier  SST / BST: set_epoch, step, useless
     SparsityConfig, rank_filters -> FilterRanking, useless_mask, remaining_mean
     rescale(model, target_r=0.3, I=0.1) -> RescaleReport   Dri, eq. 4
-Kernel reactivation and its baselines (SPEC §5, §9)
+Kernel reactivation and its baselines (docs/method.md §5, §9)
     reactivate_kernels(model) -> ReactivationReport, KernelReactivation, ReactivationCallback
     evolve_weights -> EvolutionReport, WeightEvolutionCallback
     graft -> GraftReport, graft_coefficient, layer_entropy, GraftingCallback
-Incremental growth (SPEC §7)
+Incremental growth (docs/method.md §7)
     partition(model) -> Partition, grow(part, k) -> GrownNet, LinearHead, frozen_stages,
     should_grow, stop_epoch, window_angle, window_angles, train_flops_per_image
-Partial network sharing (SPEC §6)
+Partial network sharing (docs/method.md §6)
     share(model, share=0.8, num_classes) -> branch; BranchedNet(base, classes).add_branch(...)
     plan_share, share_plan, SharePlan, is_pinned, branch_state_dict, load_branch,
     max_prob_combine, training_cost -> TrainingCost
 Warm-starting on new data (Ash & Adams 2020; Shin et al. 2024)
     shrink_perturb(model, shrink=0.4, noise=0.1) -> ShrinkPerturbReport
     dash(model, loader, lam=0.3) -> DashReport             cos(w, -grad) shrinking
-Distillation (SPEC §3, §4)
+Distillation (docs/method.md §3, §4)
     blocks(model), capture_blocks(model), attention_map(x), losses (AT, KL, JS, AOD, MSL, DML, LwM)
-Data and training (SPEC §8)
+Data and training (docs/method.md §8)
     load_dataset(name) -> ImageData, split_parts
     TrainConfig, train.multi_step(cfg, out_dir, seed), train.single_step(...)
 """
@@ -52,16 +52,16 @@ from .reactivation import KernelReactivation, ReactivationReport, reactivate_ker
 from .reinit import RescaleReport, rescale
 from .sparsity import Sparsifier, SparsityConfig, sparsify
 
-# --- kernel reactivation as a training method and its baselines (SPEC §5, §9) ---
+# --- kernel reactivation as a training method and its baselines (docs/method.md §5, §9) ---
 from .filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy
 from .method_reactivation import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
 from .weight_evolution import EvolutionReport, evolve_weights
 
-# --- incremental growth with look-ahead (growth.py, SPEC §7) ---
+# --- incremental growth with look-ahead (growth.py, docs/method.md §7) ---
 from .growth import (GrownNet, LinearHead, Partition, frozen_stages, grow, partition, should_grow, stop_epoch,
                      train_flops_per_image, window_angle, window_angles)
 
-# --- partial network sharing (sharing.py, SPEC §6) ---
+# --- partial network sharing (sharing.py, docs/method.md §6) ---
 from .sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
                       max_prob_combine, plan_share, share, share_plan, training_cost)
 

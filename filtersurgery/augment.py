@@ -1,4 +1,4 @@
-"""Batched, on-device augmentation: normalization, random crop + flip, and SPEC §3's two views.
+"""Batched, on-device augmentation: normalization, random crop + flip, and docs/method.md §3's two views.
 
 Every function takes a whole batch ``[B, C, H, W]`` and draws all its random numbers at
 once (no Python loop over samples). ``uint8`` input gives ``uint8`` output (the colour
@@ -129,7 +129,7 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4
 
     Factors are uniform in ``[max(0, 1 - s), 1 + s]``. Brightness scales the image;
     contrast blends it with its mean grey level; saturation blends it with its per-pixel
-    grey (RGB only: skipped for 1-channel images, as SPEC §3 asks). Results are clamped
+    grey (RGB only: skipped for 1-channel images, docs/method.md §3). Results are clamped
     to [0, 1] (float) or rounded to uint8. Same formulas as torchvision's ColorJitter, in
     a fixed order and without hue.
     """
@@ -156,7 +156,7 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4
 def two_views(x: torch.Tensor, generator: Optional[torch.Generator] = None, padding: int = 4,
               brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4
               ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §3 (AOD, eqs. 5-8): two views of the *same* random crop of every sample.
+    """docs/method.md §3 (AOD, eqs. 5-8): two views of the *same* random crop of every sample.
 
     ``B_F`` = the crop mirrored horizontally; ``B_C`` = the (unmirrored) crop with
     :func:`color_jitter` (brightness/contrast/saturation; brightness/contrast only for

@@ -1,4 +1,4 @@
-"""Blocks of a CNN and their outputs: the features attention transfer compares (SPEC §0).
+"""Blocks of a CNN and their outputs: the features attention transfer compares (docs/method.md §0).
 
 A *block* is a stage of the network: timm's stages (the modules named by the model's
 ``feature_info``), torchvision's stages (``layer1..4``, ``features`` stages, ...), else the
@@ -266,7 +266,7 @@ def _blocks_from_probe(model: nn.Module, example_inputs) -> List[str]:
 
 
 def blocks(model: nn.Module, example_inputs=None) -> List[str]:
-    """Ordered names of the model's blocks (SPEC §0), for attention transfer (eq. 9).
+    """Ordered names of the model's blocks (docs/method.md §0), for attention transfer (eq. 9).
 
     ``named_modules`` names of the unwrapped model (``DataParallel``/DDP/``torch.compile``
     peeled off), in forward order:

@@ -323,6 +323,30 @@ def load_training_state(path: str, device: str = "cpu") -> Dict[str, Any]:
     return state
 
 
+def peek_training_state(path: str) -> Dict[str, Any]:
+    """The ``extra`` dict of a :func:`save_training_state` file, without reading its tensors
+    (memory-mapped load). An unreadable or foreign file gives ``{}``: the run that loads it
+    for real reports the error."""
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            AttributeError, KeyError, IndexError):
+        return {}
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        return {}
+    extra = state.get("extra")
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+def remove_empty_dir(directory) -> bool:
+    """Remove ``directory`` if it exists and is empty (a finished run's ``.work/``); True if removed."""
+    try:
+        os.rmdir(directory)
+        return True
+    except OSError:  # missing, not empty, or not removable: leave it
+        return False
+
+
 def rng_state() -> Dict[str, Any]:
     """All RNG states (Python, NumPy, torch CPU, every CUDA device) in a weights_only-safe form."""
     np_state = np.random.get_state()

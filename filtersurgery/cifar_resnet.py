@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """``stem`` (conv3x3 16 + BN + ReLU), ``layer1..3``, ``fc``; stages are the blocks of SPEC §0."""
+    """``stem`` (conv3x3 16 + BN + ReLU), ``layer1..3``, ``fc``; stages are the blocks of docs/method.md §0."""
 
     def __init__(self, depth: int = 32, num_classes: int = 10, in_chans: int = 3, width: int = 16):
         super().__init__()

@@ -7,9 +7,11 @@ A command function takes the parsed ``argparse.Namespace`` and returns an exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from typing import List, Optional
+import warnings
+from typing import Iterator, List, Optional
 
 # modules that register sub-commands, in the order they appear in --help
 COMMAND_MODULES = ["filtersurgery.zoo", "filtersurgery.runner", "filtersurgery.method_sharing"]
@@ -31,17 +33,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Show warnings as ``filtersurgery COMMAND: warning: MESSAGE`` (one line, no source line)."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        print(f"filtersurgery {command}: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``filtersurgery`` command; returns the exit code (2: one-line error)."""
+    """Entry point of the ``filtersurgery`` command; returns the exit code (2: one-line error, 130: Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with one_line_warnings(args.command):
+            return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         # bad input and known failures: one line, no traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"filtersurgery {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # commands with state to resume (run) say where it is themselves
+        print(f"filtersurgery {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Datasets, the SPEC §8 split protocol and a device-resident batch loader.
+"""Datasets, the docs/method.md §8 split protocol and a device-resident batch loader.
 
 One interface for every dataset: :class:`ImageData`. Its image fields (``train_x``,
 ``test_x``) are either a ``uint8`` tensor ``[N, C, H, W]`` held in memory (Fashion-MNIST,
@@ -27,6 +27,8 @@ DATASET_NAMES = ("fashion-mnist", "cifar100", "imagefolder:PATH", "demo")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # image folders whose decoded train+test arrays stay below this many bytes are held in memory
 IN_MEMORY_LIMIT_BYTES = 1 << 30
+# output size of image folders whose images do not all share one size
+DEFAULT_IMAGE_SIZE = 224
 
 FASHION_MNIST_FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -138,6 +140,11 @@ class ImageData:
                 )
         if len(self.train_y) == 0:
             raise ValueError("train_x: the training set is empty")
+
+    def __repr__(self) -> str:
+        kind = "in memory" if self.in_memory else "lazy"
+        return (f"ImageData({self.name!r}, {len(self.train_y)} train / {len(self.test_y)} test, "
+                f"{self.num_classes} classes, {self.in_chans}x{self.size}x{self.size}, {kind})")
 
     @property
     def in_memory(self) -> bool:
@@ -362,7 +369,7 @@ def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
                 im = im.resize((nw, nh), Image.BILINEAR)
             left, top = (nw - size) // 2, (nh - size) // 2
             im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.uint8)
+            a = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     except OSError as e:
         raise ValueError(f"cannot decode image {path}: {e}") from None
     if a.ndim == 2:
@@ -391,29 +398,91 @@ def _scan_split(directory: str, classes: Optional[List[str]]) -> Tuple[List[str]
     return paths, labels, classes
 
 
-def load_imagefolder(path: str, size: int = 224, in_memory: Optional[bool] = None,
+def _image_sizes(paths: Sequence[str]) -> List[Tuple[int, int]]:
+    """``(width, height)`` of every image file (reads only the headers)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(tuple(im.size))
+        except OSError as e:
+            raise ValueError(f"cannot decode image {p}: {e}") from None
+    return out
+
+
+def output_size(sizes: Sequence[Tuple[int, int]], size: Optional[int]) -> Tuple[int, str]:
+    """The square output size of an image folder and what decoding does to reach it.
+
+    ``size=None``: the images' own size when they all share one (``min(w, h)``: a
+    non-square size is centre-cropped, not resized), else :data:`DEFAULT_IMAGE_SIZE`.
+    Returns ``(size, note)``; ``note`` is ``""`` when no image is resized, else one
+    sentence saying how many are (for a warning).
+    """
+    distinct = sorted(set(sizes))
+    if size is None:
+        size = min(distinct[0]) if len(distinct) == 1 else DEFAULT_IMAGE_SIZE
+    elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"image_size: must be an integer >= 1 (pixels), got {size!r}")
+    resized = sum(1 for wh in sizes if min(wh) != size)
+    if not resized:
+        return size, ""
+    own = (f"the images have {len(distinct)} different sizes" if len(distinct) > 1
+           else f"the images are {distinct[0][0]}x{distinct[0][1]}")
+    return size, (f"image folder: resizing {resized} of {len(sizes)} images to {size}x{size} (shorter side, "
+                  f"bilinear, then centre crop; {own}); set the size with --image-size / image_size=")
+
+
+def check_classes(data: "ImageData", arg: str = "data") -> "ImageData":
+    """Refuse a dataset whose training images cover fewer than 2 classes (one-line ValueError).
+
+    A one-class classifier is always right: it would train and report 100% accuracy.
+    Returns ``data`` unchanged.
+    """
+    present = int(torch.unique(torch.as_tensor(data.train_y)).numel()) if len(data.train_y) else 0
+    if data.num_classes < 2 or present < 2:
+        names = f" ({', '.join(data.classes[:3])})" if data.classes and data.num_classes < 2 else ""
+        raise ValueError(f"{arg}: {data.name} has {present} class(es) with training images{names}; "
+                         f"a classifier needs at least 2 classes (a 1-class model scores 100% by construction)")
+    return data
+
+
+def load_imagefolder(path: str, size: Optional[int] = None, in_memory: Optional[bool] = None,
                      channels: Optional[int] = None, subset_test: Optional[int] = None,
                      stats_samples: int = 2000) -> ImageData:
     """An image-folder dataset: ``path/train/<class>/*`` and ``path/val/<class>/*`` (or ``test``).
 
-    Class ids follow the sorted folder names of ``train``. Every image is decoded to
-    ``uint8 [channels, size, size]`` (see :func:`decode_image`). ``channels`` defaults to
+    Class ids follow the sorted folder names of ``train``; fewer than 2 classes with
+    training images is refused. Every image is decoded to ``uint8 [channels, size, size]``
+    (see :func:`decode_image`). ``size=None``: the images' own size when they all share
+    one (every file's header is read once), else 224; a ``UserWarning`` says when images
+    are resized (:func:`output_size`). ``channels`` defaults to
     1 when the first training image is grey-scale, else 3. ``in_memory=None`` decodes
     everything into tensors when the arrays fit in 1 GiB, else keeps :class:`LazyImages`;
     ``True``/``False`` force either. For lazy sets ``mean``/``std`` come from a fixed
     (seed 0) class-balanced sample of ``stats_samples`` training images.
     """
     path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data: image folder {path} does not exist (--data imagefolder:PATH)")
     train_dir = os.path.join(path, "train")
     test_dir = next((os.path.join(path, s) for s in ("val", "test") if os.path.isdir(os.path.join(path, s))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
         raise FileNotFoundError(f"image folder {path} must contain train/ and val/ (or test/) with one folder per class")
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"image_size: must be an integer >= 1 (pixels), got {size!r}")
     tr_paths, tr_labels, classes = _scan_split(train_dir, None)
+    if len(classes) < 2:
+        raise ValueError(f"data: image folder {train_dir} has {len(classes)} class folder(s)"
+                         f"{' (' + classes[0] + ')' if classes else ''}; a classifier needs at least 2 classes "
+                         f"(a 1-class model scores 100% by construction)")
     te_paths, te_labels, _ = _scan_split(test_dir, classes)
     if not tr_paths or not te_paths:
         raise ValueError(f"image folder {path}: no images found in {train_dir if not tr_paths else test_dir}")
+    size, note = output_size(_image_sizes(tr_paths + te_paths), size)
+    if note:
+        warnings.warn(note, stacklevel=2)
     if channels is None:
         from PIL import Image
 
@@ -431,8 +500,8 @@ def load_imagefolder(path: str, size: int = 224, in_memory: Optional[bool] = Non
     else:
         sample = _balanced_subset(train_y, min(stats_samples, len(train_y)), seed=0)
         mean_std = channel_stats(train_x[sample].materialize())
-    return _finish(train_x, train_y, test_x, test_y, f"imagefolder:{path}", path, None,
-                   classes=classes, mean_std=mean_std, num_classes=len(classes))
+    return check_classes(_finish(train_x, train_y, test_x, test_y, f"imagefolder:{path}", path, None,
+                                 classes=classes, mean_std=mean_std, num_classes=len(classes)))
 
 
 def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
@@ -444,7 +513,9 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
     ``download``: let torchvision fetch Fashion-MNIST / CIFAR-100 into ``root``.
     ``subset_test``: keep a fixed (seed 0), class-balanced subset of N test images.
     ``allow_demo``: ``fashion-mnist`` falls back to the embedded subset when no files exist.
-    ``image_size``: output size for image folders (default 224; ignored otherwise).
+    ``image_size``: output size for image folders (default: the images' own size when
+    they all share one, else 224; see :func:`load_imagefolder`); other datasets have a
+    fixed size and refuse it.
     Missing files raise a one-line ``FileNotFoundError`` saying how to get them.
     """
     if not isinstance(name, str):
@@ -454,6 +525,9 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
     if root is not None and not download and low in _ROOTED and not os.path.isdir(os.path.expanduser(root)):
         raise FileNotFoundError(f"root: data folder {root} does not exist (--data-root); "
                                 "pass an existing folder, or --download to fetch the data into it")
+    if image_size is not None and not low.startswith("imagefolder:"):
+        raise ValueError(f"image_size: only image folders are resized (--data imagefolder:PATH); "
+                         f"{key} has a fixed image size, got image_size={image_size}")
     if low in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return load_fashion_mnist(root, download, subset_test, allow_demo)
     if low in ("cifar100", "cifar-100"):
@@ -464,7 +538,7 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
         path = key.split(":", 1)[1]
         if not path:
             raise ValueError("name: dataset 'imagefolder:PATH' needs a PATH")
-        return load_imagefolder(path, size=image_size or 224, subset_test=subset_test)
+        return load_imagefolder(path, size=image_size, subset_test=subset_test)
     raise ValueError(f"name: unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
 
 
@@ -472,7 +546,7 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False,
 _ROOTED = ("fashion-mnist", "fashion_mnist", "fashionmnist", "cifar100", "cifar-100")
 
 
-# --------------------------------------------------------------------------- splits (SPEC §8)
+# --------------------------------------------------------------------------- splits (docs/method.md §8)
 
 
 def _shuffled_by_class(y: torch.Tensor, g: torch.Generator) -> List[torch.Tensor]:
@@ -514,7 +588,7 @@ def _quotas(available: Sequence[int], n: int, g: torch.Generator) -> List[int]:
 
 def split_parts(y: torch.Tensor, parts: int, seed: int, val_fraction: float = 0.1,
                 subset: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """SPEC §8: a random, seeded, non-overlapping, class-balanced partition into ``parts``.
+    """docs/method.md §8: a random, seeded, non-overlapping, class-balanced partition into ``parts``.
 
     Every class's samples are shuffled (generator seeded with ``seed``) and dealt to the
     parts in turn, the starting part rotating from class to class, so each part holds

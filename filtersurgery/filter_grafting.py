@@ -1,4 +1,4 @@
-"""Filter grafting (FG; Meng et al., CVPR 2020), layer level, two networks (SPEC §5/§9 baseline).
+"""Filter grafting (FG; Meng et al., CVPR 2020), layer level, two networks (docs/method.md §5/§9 baseline).
 
 Two networks of the same architecture train in parallel. At a grafting point every
 layer ``l`` of each network takes a convex mix of itself and the other network's layer
@@ -58,6 +58,9 @@ class GraftReport:
     def mean_coef_a(self) -> float:
         return sum(l.coef_a for l in self.layers) / max(1, len(self.layers))
 
+    def __repr__(self) -> str:
+        return f"GraftReport(a={self.a}, c={self.c}, {len(self.layers)} layers, mean coef_a {self.mean_coef_a:.4f})"
+
 
 def layer_entropy(weight: torch.Tensor, bins: int = 10) -> float:
     """Entropy (nats) of the ``bins``-bin histogram of ``weight`` over its [min, max] (Meng et al. §3.2)."""
@@ -77,7 +80,7 @@ def layer_entropy(weight: torch.Tensor, bins: int = 10) -> float:
 
 
 def graft_coefficient(h_self: float, h_other: float, a: float = 0.4, c: float = 500.0) -> float:
-    """``a / pi * atan(c * (h_self - h_other)) + 0.5``: the share a layer keeps of itself (SPEC §9)."""
+    """``a / pi * atan(c * (h_self - h_other)) + 0.5``: the share a layer keeps of itself (docs/method.md §9)."""
     return a / math.pi * math.atan(c * (h_self - h_other)) + 0.5
 
 

@@ -1,7 +1,7 @@
-"""Incremental growth with look-ahead initialization (incremental-training paper, SPEC §7).
+"""Incremental growth with look-ahead initialization (incremental-training paper, docs/method.md §7).
 
 The backbone of a CNN is cut into ``K`` sub-networks ``S_1..S_K`` (by default its stages,
-the blocks of SPEC §0) plus its classifier block (the *head*). Training starts with
+the blocks of docs/method.md §0) plus its classifier block (the *head*). Training starts with
 ``S_1`` + a small head and adds ``S_(k+1)`` whenever the validation accuracy stops
 improving (:func:`should_grow`, paper Fig. 2). Look-ahead initialization trains the new
 sub-network (and a fresh head) for a few epochs with ``S_1..S_k`` frozen before training
@@ -241,7 +241,7 @@ def _fail(model: nn.Module, why: str) -> ValueError:
 
 def partition(model: nn.Module, stage_names: Optional[Sequence[str]] = None,
               example_inputs: Optional[torch.Tensor] = None) -> Partition:
-    """Split ``model`` into ``K`` sub-networks (its stages) plus its head (SPEC §7, paper §3).
+    """Split ``model`` into ``K`` sub-networks (its stages) plus its head (docs/method.md §7, paper §3).
 
     ``stage_names`` (default :func:`filtersurgery.blocks`: timm ``feature_info`` stages,
     torchvision's stages, else one block per resolution) name the last module of each

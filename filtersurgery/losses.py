@@ -1,6 +1,6 @@
 """Distillation losses: attention transfer, KL/JS, AOD (eqs. 5-8), MSL (eq. 9), DML, LwM.
 
-Equation numbers refer to the multistep-sparsity-training paper (SPEC §3, §4) unless
+Equation numbers refer to the multistep-sparsity-training paper (docs/method.md §3, §4) unless
 another paper is named. Conventions (docs/distillation.md):
 
 - ``*_logits`` are raw logits ``(N, K)``; probabilities are ``softmax(logits / T)``.
@@ -60,7 +60,7 @@ def _check_feature(name: str, x: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# attention transfer (Zagoruyko & Komodakis 2017; SPEC §4)
+# attention transfer (Zagoruyko & Komodakis 2017; docs/method.md §4)
 # ---------------------------------------------------------------------------------------
 
 
@@ -89,7 +89,7 @@ def attention_map(x: torch.Tensor) -> torch.Tensor:
     """Spatial attention map ``normalize(x.pow(2).mean(1).flatten(1))`` of ``(N, C, H, W)``.
 
     The activation-based attention of Zagoruyko & Komodakis (their code's form, used by
-    the AT term of eq. 9 / SPEC §4): channel mean of squared activations, flattened to
+    the AT term of eq. 9 / docs/method.md §4): channel mean of squared activations, flattened to
     ``(N, H*W)`` and L2-normalized per sample. Channel-free: any width gives the same size.
     """
     _check_feature("x", x)
@@ -169,7 +169,7 @@ def js_div(p_logits: torch.Tensor, q_logits: torch.Tensor, T: float = 1.0) -> to
 
     ``JS = KL(P || M) / 2 + KL(Q || M) / 2`` with ``M = (P + Q) / 2``; symmetric in value.
     ``p_logits`` belongs to the student being updated and gets the gradient; ``q_logits``
-    (the peer) is detached (SPEC §3).
+    (the peer) is detached (docs/method.md §3).
     """
     T = _check_T(T)
     _check_pair("p_logits", p_logits, "q_logits", q_logits)
@@ -191,7 +191,7 @@ def consistency_loss(logits_flip: torch.Tensor, logits_color: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------------------------------
-# adaptive online distillation (SPEC §3)
+# adaptive online distillation (docs/method.md §3)
 # ---------------------------------------------------------------------------------------
 
 
@@ -250,7 +250,7 @@ def aod_losses(
 
 
 # ---------------------------------------------------------------------------------------
-# multi-step loss (SPEC §4)
+# multi-step loss (docs/method.md §4)
 # ---------------------------------------------------------------------------------------
 
 
@@ -265,7 +265,7 @@ def msl_loss(
 ) -> torch.Tensor:
     """Multi-step loss (eq. 9): ``KL(P_T || P_S) + at_weight * mean_i L_AT,i``.
 
-    No cross-entropy (SPEC §4). ``at_weight`` (default 1e3, SPEC §4; the paper's eq. 9 is
+    No cross-entropy (docs/method.md §4). ``at_weight`` (default 1e3, docs/method.md §4; the paper's eq. 9 is
     ``at_weight = 1``) scales the attention term, whose values are ~1e-3. The teacher is
     detached in both terms. The selective L1 penalty on the scaling factors is *not* part
     of this function: the Sparsifier adds its subgradient to the targets' gradients.
@@ -276,7 +276,7 @@ def msl_loss(
 
 
 # ---------------------------------------------------------------------------------------
-# baselines (SPEC §9)
+# baselines (docs/method.md §9)
 # ---------------------------------------------------------------------------------------
 
 
@@ -334,7 +334,7 @@ def lwm_loss(
 ) -> torch.Tensor:
     """Learning without Memorizing (Dhar et al. 2019, their ``L_LwM``): ``CE + beta*KD + gamma*L_AD``.
 
-    ``KD = KL(P_T || P_S) * T**2`` (teacher detached; SPEC §9). ``L_AD`` is the L1
+    ``KD = KL(P_T || P_S) * T**2`` (teacher detached; docs/method.md §9). ``L_AD`` is the L1
     distance between the L2-normalized, flattened Grad-CAM maps (:func:`gradcam_map`) of
     teacher and student at the last block, both for the teacher's top class, summed over
     positions and averaged over the batch. The student's map is built with

@@ -1,7 +1,7 @@
-"""``filtersurgery run --method growth``: incremental training with look-ahead (SPEC §7).
+"""``filtersurgery run --method growth``: incremental training with look-ahead (docs/method.md §7).
 
 One seed of the incremental-training paper's schedule on one data set (the whole
-training set, 10% held out for validation, SPEC §8)::
+training set, 10% held out for validation, docs/method.md §8)::
 
     k = 1       train S1 + head, watch val accuracy; stop when the window rule fires
                 (alpha_i <= gamma * alpha_(i-1), every --window epochs) or after --epochs
@@ -52,7 +52,7 @@ INITS = ("lookahead", "random")
 
 @dataclass
 class GrowthConfig:
-    """Options of the growth schedule (SPEC §7). The paper gives no values; these are ours."""
+    """Options of the growth schedule (docs/method.md §7). The paper gives no values; these are ours."""
 
     window: int = 3  # ws: epochs per window of the termination rule
     gamma: float = 0.5  # stop when alpha_i <= gamma * alpha_(i-1)
@@ -251,6 +251,7 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
     checkpoint.save_state_dict(model.state_dict(), final_path)
     metrics = write_metrics(out, run.data, config, [entry])
     state_path.unlink(missing_ok=True)
+    checkpoint.remove_empty_dir(run.work)
     return metrics
 
 

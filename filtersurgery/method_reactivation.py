@@ -1,7 +1,7 @@
-"""Kernel reactivation as a training method, with its baselines (SPEC §5, issue 6).
+"""Kernel reactivation as a training method, with its baselines (docs/method.md §5).
 
 CLI methods (``filtersurgery run --method M``), each one training run from scratch on
-the whole training set (SPEC §8: 10% of it held out for validation; test accuracy on the
+the whole training set (docs/method.md §8: 10% of it held out for validation; test accuracy on the
 official test set), SGD 0.9 / wd 5e-4 / cosine lr from ``--lr`` (default 0.1, the
 paper's), via :func:`filtersurgery.train.run_phase`:
 
@@ -51,7 +51,7 @@ PHASE_NAME = "train"  # the same for every method: same augmentation stream per 
 @dataclass
 class ReactivationMethodConfig:
     """Options of the four methods. Defaults: the paper's ``(alpha, beta, gamma, E) = (0.2, 0.3, 0.1, 10)``;
-    filter grafting ``a = 0.4, c = 500`` (SPEC §9), grafting every epoch."""
+    filter grafting ``a = 0.4, c = 500`` (docs/method.md §9), grafting every epoch."""
 
     alpha: float = 0.2
     beta: float = 0.3
@@ -122,7 +122,7 @@ class ReactivationCallback(KernelReactivation):
             train_one_epoch(...)
             cb(scheduler.get_last_lr()[0])   # reactivates after epochs E, 2E, ... (1-based)
 
-    ``gamma_t = gamma * lr / lr0`` (SPEC §5); ``lr0`` defaults to the lr of the first
+    ``gamma_t = gamma * lr / lr0`` (docs/method.md §5); ``lr0`` defaults to the lr of the first
     call. ``cb(lr, epoch=e)`` names the 0-based epoch that just ended (after a resume);
     without it the callback counts its calls. Returns the
     :class:`~filtersurgery.reactivation.ReactivationReport` when it reactivated, else None;
@@ -366,6 +366,8 @@ def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir, seed: int, d
     for f in run.work.glob("step1_*.safetensors"):
         f.unlink()
     (run.work / STATE_FILE).unlink(missing_ok=True)
+    opts_path.unlink(missing_ok=True)  # metrics.json now holds the method options
+    checkpoint.remove_empty_dir(run.work)
     return metrics
 
 

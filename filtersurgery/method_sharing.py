@@ -1,4 +1,4 @@
-"""Partial network sharing as a training method, its baselines, and the sharing sweep (SPEC §6, issue 7).
+"""Partial network sharing as a training method, its baselines, and the sharing sweep (docs/method.md §6).
 
 CLI methods (``filtersurgery run --method M``), class-incremental over ``--class-sets``
 (sizes in label order, e.g. ``4,3,3``: classes 0-3, then 4-6, then 7-9):
@@ -16,7 +16,7 @@ CLI methods (``filtersurgery run --method M``), class-incremental over ``--class
 ================== ==============================================================================
 
 Each set's data is its classes' share of the training set (``--subset N``: N training
-images per set), 10% of it held out for validation (SPEC §8); the test accuracy is read on
+images per set), 10% of it held out for validation (docs/method.md §8); the test accuracy is read on
 the official test set. ``metrics.json`` has one entry whose ``test_acc``/``val_acc`` are the
 all-class accuracies (prediction over all classes of the sets); ``per_set`` lists, per
 class set, the accuracy within the set (``test_acc``: the branch on its own classes, the
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import augment, checkpoint
-from .data import ImageData, load_dataset
+from .data import ImageData, check_classes, load_dataset
 from .models import build_model
 from .sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
 from .train import STATE_FILE, Phase, Run, TrainConfig, resolve_device, run_phase, write_metrics
@@ -291,7 +291,9 @@ def run_sharing(cfg: TrainConfig, class_sets: List[List[int]], share_frac: float
     if flops is not None:
         entry["train_flops"] = flops
     config = {**asdict(cfg), "seed": seed, "class_sets": class_sets, "share": share_frac}
-    return write_metrics(out, data, config, [entry], **extra)
+    metrics = write_metrics(out, data, config, [entry], **extra)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
 
 
 def _cost_summary(cfg: TrainConfig, data: ImageData, dev, base: nn.Module, branch: nn.Module, n_out: int) -> Dict:
@@ -349,7 +351,9 @@ def run_class_finetune(cfg: TrainConfig, class_sets: List[List[int]], out_dir, s
         n_imgs = [len(r.part_xy([0], "train")[1]) for r in runs]
         entry["train_flops"] = int(sum(2 * c.train_macs / cfg.batch_size * n * cfg.epochs for n in n_imgs))
     config = {**asdict(cfg), "seed": seed, "class_sets": class_sets}
-    return write_metrics(out, data, config, [entry], **extra)
+    metrics = write_metrics(out, data, config, [entry], **extra)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
 
 
 # --------------------------------------------------------------------------- sweep
@@ -377,7 +381,7 @@ def _mean(v):
 def sweep_sharing(cfg: TrainConfig, class_sets: List[List[int]], shares: Sequence[float], out_dir,
                   seeds: Sequence[int] = (0,), data: Optional[ImageData] = None, max_drop: float = 1.0,
                   cost: bool = True, title: str = "") -> Dict:
-    """The accuracy-vs-sharing curve (paper §3.4, SPEC §6) -> ``sweep.csv``, ``sweep.json``, ``sweep.png``.
+    """The accuracy-vs-sharing curve (paper §3.4, docs/method.md §6) -> ``sweep.csv``, ``sweep.json``, ``sweep.png``.
 
     ``share = 0`` (no sharing, the reference) is always included. Shares that give the same
     shared prefix (same number of shared layers) are trained once. The base network of a
@@ -508,11 +512,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """``filtersurgery sweep-sharing``: train every share, write the curve, pick the share on validation."""
     cfg = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, download=args.download,
                       method="sharing", split="multi", steps=1, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, subset=args.subset, device=args.device, amp=args.amp,
+                      lr=args.lr, subset=args.subset, image_size=args.image_size, device=args.device, amp=args.amp,
                       channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress)
     cfg.validate()
     build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
-    data = load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, subset_test=args.test_subset)
+    data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
+                                      subset_test=args.test_subset, image_size=cfg.image_size))
     sets = class_sets_from(args.class_sets, data.num_classes)
     res = sweep_sharing(cfg, sets, _floats(args.shares), Path(args.out), seeds=args.seeds, data=data,
                         max_drop=args.max_drop, cost=not args.no_cost)
@@ -554,11 +559,16 @@ def format_table(rows: List[Dict]) -> str:
 def add_parsers(sub) -> None:
     """Register ``sweep-sharing`` (add this module to ``cli.COMMAND_MODULES``)."""
     d = TrainConfig()
-    p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (SPEC §6)")
-    p.add_argument("--model", default=d.model, help="timm:NAME, torchvision:NAME, cifar:resnetN (default %(default)s)")
-    p.add_argument("--data", default=d.data, help="fashion-mnist | cifar100 | imagefolder:PATH | demo")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--download", action="store_true")
+    from .runner import DATA_HELP, MODEL_HELP
+
+    p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
+    p.add_argument("--model", default=d.model, help=f"{MODEL_HELP} (default %(default)s)")
+    p.add_argument("--data", default=d.data, help=f"{DATA_HELP} (default %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files (docs/data.md: search order)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
+    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                   help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
+                        "they all share one, else 224)")
     p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
     p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
                    help="comma-separated shares to train (0 is always added; default %(default)s)")
@@ -566,16 +576,18 @@ def add_parsers(sub) -> None:
                    help="chosen = largest share with all-class validation accuracy within this many points of "
                         "no sharing (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per network (default %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", default="runs/sweep_sharing")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    p.add_argument("--out", default="runs/sweep_sharing", help="output folder (default %(default)s)")
     p.add_argument("--subset", type=int, default=None, help="N training images per class set")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed class-balanced subset of N test images")
-    p.add_argument("--lr", type=float, default=None, help="branch learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--lr", type=float, default=None,
+                   help="branch learning rate (default 1e-3; the base network trains at 0.1)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (default %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--no-cost", action="store_true", help="skip the per-configuration cost measurement")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     p.set_defaults(func=cmd_sweep)

@@ -1,6 +1,6 @@
-"""Build timm / torchvision models from a ``SPEC`` string, and list the CNNs of each source.
+"""Build timm / torchvision models from a model ``spec`` string, and list the CNNs of each source.
 
-``SPEC`` is ``timm:NAME``, ``torchvision:NAME``, ``cifar:resnetDEPTH`` (the CIFAR-style
+A ``spec`` is ``timm:NAME``, ``torchvision:NAME``, ``cifar:resnetDEPTH`` (the CIFAR-style
 ResNet of :mod:`filtersurgery.cifar_resnet`) or a bare timm ``NAME``. Models are built
 with random weights (``pretrained=False`` / ``weights=None``).
 """
@@ -32,6 +32,36 @@ TIMM_CNN_MODULES = (
 _TV_NOT_CNN = ("vit_*", "swin_*", "swin3d_*", "maxvit_*")
 
 _HOW_TO_LIST = "list valid names with `python -c \"import {mod}; print({call})\"`"
+_LIST_CALL = {"timm": "timm.list_models()", "torchvision": "torchvision.models.list_models(module=torchvision.models)"}
+
+
+def close_matches(name: str, names: List[str], n: int = 5) -> List[str]:
+    """Up to ``n`` entries of ``names`` closest to ``name`` (``difflib``, case-insensitive), best first."""
+    import difflib
+
+    low = {c.lower(): c for c in names}
+    return [low[m] for m in difflib.get_close_matches(name.lower(), list(low), n=n, cutoff=0.6)]
+
+
+def _unknown_model(source: str, name: str) -> ValueError:
+    """One-line error for a model name ``source`` does not have, with close matches from its list.
+
+    A name the *other* zoo has is pointed there (``timm:NAME`` / ``torchvision:NAME``).
+    """
+    what = "timm model" if source == "timm" else "torchvision classification model"
+    own = _timm_names() if source == "timm" else _tv_names()
+    other = "torchvision" if source == "timm" else "timm"
+    other_names = _tv_names() if source == "timm" else _timm_names()
+    hints = close_matches(name, own)
+    if name in other_names:
+        hint = f"'{name}' is a {other} model: use {other}:{name}"
+    elif hints:
+        hint = "did you mean " + ", ".join(f"{source}:{m}" for m in hints) + "?"
+    else:
+        near = close_matches(name, other_names, n=3)
+        hint = ("did you mean " + ", ".join(f"{other}:{m}" for m in near) + "?") if near else "no close match"
+    how = _HOW_TO_LIST.format(mod=source, call=_LIST_CALL[source])
+    return ValueError(f"spec: unknown {what} '{name}'; {hint} ({how})")
 
 
 def parse_spec(spec: str) -> Tuple[str, str]:
@@ -97,10 +127,7 @@ def build_model(spec: str, num_classes: Optional[int] = None, in_chans: Optional
         import timm
 
         if not timm.is_model(name):
-            raise ValueError(
-                f"spec: unknown timm model '{name}'; "
-                + _HOW_TO_LIST.format(mod="timm", call="timm.list_models('*resnet*')")
-            )
+            raise _unknown_model("timm", name)
         args = dict(kw)
         if num_classes is not None:
             args["num_classes"] = num_classes
@@ -110,10 +137,7 @@ def build_model(spec: str, num_classes: Optional[int] = None, in_chans: Optional
     import torchvision
 
     if name not in _tv_names():
-        raise ValueError(
-            f"spec: unknown torchvision classification model '{name}'; "
-            + _HOW_TO_LIST.format(mod="torchvision", call="torchvision.models.list_models(module=torchvision.models)")
-        )
+        raise _unknown_model("torchvision", name)
     args = dict(kw)
     if num_classes is not None:
         args["num_classes"] = num_classes

@@ -233,6 +233,14 @@ class FilterRanking:
     def __len__(self) -> int:
         return int(self.order.numel())
 
+    def __repr__(self) -> str:
+        n = len(self)
+        if not n:
+            return "FilterRanking(0 factors)"
+        lo, med, hi = (float(self.abs_gamma[i]) for i in (0, n // 2, n - 1))
+        return (f"FilterRanking({n} factors in {len(self.factors.norms)} norms, "
+                f"|gamma| min {lo:.4g} / median {med:.4g} / max {hi:.4g})")
+
     def location(self, j: int) -> Tuple[str, int]:
         """``(norm_name, channel)`` of the factor of rank ``j``."""
         return self.factors.locate(int(self.order[j]))

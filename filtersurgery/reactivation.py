@@ -1,4 +1,4 @@
-"""Kernel reactivation — "Versatile kernel reactivation for deep CNNs", SPEC §5.
+"""Kernel reactivation — "Versatile kernel reactivation for deep CNNs", docs/method.md §5.
 
 Filter importance is the mean |w| of a filter (``weight[c]``). A filter is *invalid* when
 it is both in the lowest ``alpha`` fraction of all filters of the model (C1) and in the
@@ -57,6 +57,10 @@ class ReactivationReport:
 
     def __bool__(self) -> bool:  # True when something was reactivated
         return self.kernels > 0
+
+    def __repr__(self) -> str:
+        return (f"ReactivationReport(alpha={self.alpha}, beta={self.beta}, gamma_t={self.gamma_t:.4g}, "
+                f"{self.invalid_filters} invalid filters, {self.kernels} kernels in {len(self.layers)} convs)")
 
     def table(self) -> str:
         """Plain-text table of the per-layer counts."""
@@ -140,7 +144,7 @@ def reactivate_kernels(
     gamma: float = 0.1,
     lr_ratio: float = 1.0,
 ) -> ReactivationReport:
-    """Kernel reactivation (SPEC §5): C1 ∩ C2 filters, C3 kernels, ``kernel *= Best_L1 / kernel_L1``.
+    """Kernel reactivation (docs/method.md §5): C1 ∩ C2 filters, C3 kernels, ``kernel *= Best_L1 / kernel_L1``.
 
     Args:
         model: any module with ``nn.Conv2d`` layers (or a ScalingMap: its module is used).
@@ -187,7 +191,7 @@ def reactivate_kernels(
 
 
 class KernelReactivation:
-    """Per-epoch hook for a user's loop: reactivate every ``period`` epochs (SPEC §5, E = 10).
+    """Per-epoch hook for a user's loop: reactivate every ``period`` epochs (docs/method.md §5, E = 10).
 
     ``on_epoch_end(epoch, lr, lr0)`` (0-based epoch) reactivates after epochs
     ``period - 1, 2 * period - 1, ...`` with ``gamma_t = gamma * lr / lr0`` and returns the

@@ -21,7 +21,13 @@ from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 
 # settings that must match for a re-run to resume into an existing --out
 _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
-             "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "at_min_size", "step1_epochs")
+             "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "at_min_size",
+             "step1_epochs", "image_size")
+# methods whose --lr is the lr of the whole (single) training, default TrainConfig.scratch_lr
+_LR_IS_TRAINING_LR = ("plain", "reactivation", "weight-evolution", "filter-grafting", "growth")
+MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNet, DEPTH = 6n+2, e.g. "
+              "cifar:resnet20) or a bare timm NAME; random weights")
+DATA_HELP = "fashion-mnist | cifar100 | imagefolder:PATH (PATH/train/CLASS/*, PATH/val/CLASS/*) | demo"
 
 
 def lam_arg(text: str):
@@ -37,11 +43,15 @@ def lam_arg(text: str):
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``filtersurgery run`` (docs/trainer.md), including those of single-run method modules."""
     d = TrainConfig()
-    p.add_argument("--model", default=d.model, help="timm:NAME, torchvision:NAME or a bare timm NAME (default %(default)s)")
-    p.add_argument("--data", default=d.data, help="fashion-mnist | cifar100 | imagefolder:PATH | demo (default %(default)s)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--model", default=d.model, help=f"{MODEL_HELP} (default %(default)s)")
+    p.add_argument("--data", default=d.data, help=f"{DATA_HELP} (default %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files (docs/data.md: search order)")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
-    p.add_argument("--split", choices=["single", "multi"], default=d.split, help="1:1 (single) or `steps` equal parts (multi)")
+    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                   help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
+                        "they all share one, else 224)")
+    p.add_argument("--split", choices=["single", "multi"], default=d.split,
+                   help="multi: --steps equal parts; single: 1:1, 2 steps (default %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="number of steps/data parts (default 4 multi, 2 single)")
     p.add_argument("--method", default=d.method,
                    help=f"one of {', '.join(METHODS + tuple(SINGLE_RUN_METHODS))} (default %(default)s)")
@@ -50,11 +60,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
     p.add_argument("--subset", type=int, default=None, help="N training images per data part (quick runs)")
-    p.add_argument("--lr", type=float, default=None, help="new-data learning rate (finetune/AOD/DML/LwM; default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate on new data: finetune, AOD, DML, LwM, sharing branches, class-finetune "
+                        f"(default 1e-3; step 1, joint and base networks train at {d.scratch_lr}); for "
+                        f"{', '.join(_LR_IS_TRAINING_LR)}: the training lr (default {d.scratch_lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per batch (per process under torchrun) (default %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
     p.add_argument("--target-r", type=float, default=d.target_r, help="Target_r of SST (default %(default)s)")
     p.add_argument("--ranking", choices=["global", "per-norm"], default=d.ranking,
                    help="how scaling factors of different norms are compared: global |gamma| (the paper) or "
@@ -86,8 +101,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     steps = args.steps if args.steps is not None else (2 if args.split == "single" else 4)
     return TrainConfig(
         model=args.model, data=args.data, data_root=args.data_root, download=args.download, split=args.split,
-        steps=steps, method=args.method, epochs=args.epochs, step1_epochs=args.step1_epochs, batch_size=args.batch_size, lr=args.lr,
-        subset=args.subset, target_r=args.target_r, lam=args.lam, at_weight=args.at_weight, msl=args.msl,
+        steps=steps, method=args.method, epochs=args.epochs, step1_epochs=args.step1_epochs, batch_size=args.batch_size,
+        lr=args.lr, subset=args.subset, image_size=getattr(args, "image_size", None), target_r=args.target_r,
+        lam=args.lam, at_weight=args.at_weight, msl=args.msl,
         ranking=args.ranking, lam_safety=args.lam_safety, at_min_size=args.at_min_size,
         teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,
         channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress,
@@ -152,9 +168,72 @@ def _init_distributed(cfg: TrainConfig) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
+def lr_text(cfg: TrainConfig) -> str:
+    """The learning rates ``cfg.method`` trains with, in words (for the start banner)."""
+    if cfg.method in _LR_IS_TRAINING_LR:
+        schedule = "constant" if cfg.method == "growth" else "cosine"
+        return f"{cfg.lr if cfg.lr is not None else cfg.scratch_lr:g} ({schedule}; --lr)"
+    if cfg.method == "joint":
+        return f"{cfg.scratch_lr:g} (from scratch every step)"
+    first = "base network" if cfg.method in ("sharing", "class-finetune") else "step 1"
+    sst = f", SST {cfg.sst_lr:g}" if cfg.method in ("framework", "bst") else ""
+    return f"new data {cfg.new_lr:g} (--lr), {first} {cfg.scratch_lr:g}{sst}"
+
+
+def _class_sets(cfg: TrainConfig, args: argparse.Namespace, data) -> Optional[List[List[int]]]:
+    """The class sets of ``sharing`` / ``class-finetune`` (None for other methods)."""
+    if cfg.method not in ("sharing", "class-finetune"):
+        return None
+    from .method_sharing import class_sets_from
+
+    return class_sets_from(getattr(args, "class_sets", None), data.num_classes)
+
+
+def _start(cfg: TrainConfig, args: argparse.Namespace, data, out: Path) -> Dict:
+    """Print the banner and the duration estimate; return each seed's :class:`~filtersurgery.console.Resume`."""
+    from . import console
+    from .train import amp_dtype, resolve_device
+
+    dev = resolve_device(cfg.device)
+    amp = amp_dtype(cfg, dev)
+    plan = console.plan_run(cfg, data, args.seeds[0], _class_sets(cfg, args, data))
+    resumes = {s: console.find_resume(out / f"seed{s}", cfg) for s in args.seeds}
+    lines = console.banner(cfg, data, args, out, dev, amp, plan)
+    lines.insert(2, f"  lr       {lr_text(cfg)}")
+    print("\n".join(lines), flush=True)
+    if all(r.complete for r in resumes.values()):
+        print("  estimate nothing left to train", flush=True)
+    else:
+        sec = console.timed_batch(cfg, data, dev, amp)
+        print(console.estimate_line(plan, sec, cfg, data, dev, [r for r in resumes.values() if not r.complete]),
+              flush=True)
+    for s, r in resumes.items():
+        line = console.resume_line(s, out / f"seed{s}", r, plan)
+        if line:
+            print(line, flush=True)
+    return resumes
+
+
+def _close_progress_bars() -> None:
+    """Clear tqdm bars left open by an interrupted loop, so the next line starts clean."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except ImportError:  # no tqdm, no bars
+        pass
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """``filtersurgery run``: every seed of one method, then ``summary.json`` and ``accuracy.png``."""
-    from .data import load_dataset
+    """``filtersurgery run``: every seed of one method, then ``summary.json`` and ``accuracy.png``.
+
+    Prints a banner (device, data, images per part, batches per epoch, epochs, method,
+    output folder) and a duration estimate first, then per seed where a re-run resumes;
+    Ctrl-C prints one line saying where the state is (exit code 130).
+    """
+    from .console import interrupted_line
+    from .data import check_classes, load_dataset
     from .models import build_model
     from .train import barrier, is_main_process, multi_step
 
@@ -165,14 +244,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.method}")
     for s in args.seeds:
         check_out_dir(out, cfg, s)
-    data = load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
-    for s in args.seeds:
-        if cfg.method in SINGLE_RUN_METHODS:
-            m = importlib.import_module(SINGLE_RUN_METHODS[cfg.method]).run_method(cfg, args, out / f"seed{s}", s, data)
-        else:
-            m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
-        for e in m["steps"] if is_main_process() else []:
-            print(f"seed {s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  ({e['seconds']:.0f}s)")
+    data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, image_size=cfg.image_size))
+    seed = None
+    try:
+        resumes = _start(cfg, args, data, out) if is_main_process() else {}
+        for s in args.seeds:
+            seed = s
+            if cfg.method in SINGLE_RUN_METHODS:
+                m = importlib.import_module(SINGLE_RUN_METHODS[cfg.method]).run_method(cfg, args, out / f"seed{s}", s, data)
+            else:
+                m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
+            _remove_empty_work(out / f"seed{s}")
+            r = resumes.get(s)
+            for e in m["steps"] if is_main_process() else []:
+                earlier = r is not None and (r.complete or e["step"] in r.done_steps)
+                when = f"{e['seconds']:.0f}s, earlier run" if earlier else f"{e['seconds']:.0f}s"
+                print(f"seed {s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  ({when})")
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        if is_main_process():
+            print(f"filtersurgery run: {interrupted_line(out, seed)}", file=sys.stderr, flush=True)
+        return 130
     barrier()
     if not is_main_process():
         return 0
@@ -181,6 +273,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"step {r['step']}: {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} (n={r['n']})")
     print(f"wrote {out}/summary.json, {out}/accuracy.png and per-seed checkpoints/metrics")
     return 0
+
+
+def _remove_empty_work(seed_dir: Path) -> None:
+    """Remove the ``.work/`` folder of a finished seed when nothing is left in it."""
+    from .checkpoint import remove_empty_dir
+    from .train import is_main_process
+
+    if is_main_process():
+        remove_empty_dir(seed_dir / ".work")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -212,12 +313,13 @@ def add_parsers(sub) -> None:
     add_run_arguments(p)
     p.set_defaults(func=cmd_run)
     d = sub.add_parser("demo", help="framework vs fine-tuning on (embedded) Fashion-MNIST, CPU-sized")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--model", default="timm:resnet18")
-    d.add_argument("--steps", type=int, default=4)
-    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
+    d.add_argument("--model", default="timm:resnet18", help=f"{MODEL_HELP} (default %(default)s)")
+    d.add_argument("--steps", type=int, default=4, help="number of steps/data parts (default %(default)s)")
+    d.add_argument("--epochs", type=int, default=3, help="epochs per phase (default %(default)s)")
     d.add_argument("--subset", type=int, default=1200, help="training images per data part (default %(default)s)")
-    d.add_argument("--data-root", default=None)
-    d.add_argument("--device", default="auto")
-    d.add_argument("--no-progress", dest="progress", action="store_false")
+    d.add_argument("--data-root", default=None,
+                   help="folder holding the Fashion-MNIST files (default: the usual places, else the embedded subset)")
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    d.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     d.set_defaults(func=cmd_demo)

@@ -1,6 +1,6 @@
 """The ScalingMap: which normalization weight (gamma) scales each conv filter.
 
-SPEC §0: the *scaling factor* of filter ``c`` of a conv is the per-channel affine weight
+docs/method.md §0: the *scaling factor* of filter ``c`` of a conv is the per-channel affine weight
 of the norm layer that normalizes that filter's output channel. A filter may land on
 several norms (DenseNet concatenation); a conv with no such norm is *unscaled* and
 carries a reason.
@@ -63,7 +63,7 @@ class ConvEntry:
 
 @dataclass
 class FactorView:
-    """Flat, cached view of every scaling factor of the model (SPEC §1 candidates).
+    """Flat, cached view of every scaling factor of the model (docs/method.md §1 candidates).
 
     ``params[i]`` is the weight tensor of norm ``norms[i]`` (an ``nn.Parameter``, or a buffer
     for a frozen norm); ``channels[i]`` the (sorted, unique) channel indices of that norm
@@ -94,6 +94,8 @@ class FactorView:
         flags = self.frozen or [False] * len(self.channels)
         parts = [torch.full((int(c.numel()),), bool(f), dtype=torch.bool) for c, f in zip(self.channels, flags)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+    def __repr__(self) -> str:
+        return f"FactorView({self.numel} factors in {len(self.norms)} norms)"
 
     def gammas(self) -> torch.Tensor:
         """All scaling factors as one detached float32 vector (global factor order)."""

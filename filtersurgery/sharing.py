@@ -1,4 +1,4 @@
-"""Partial network sharing for new classes (SPEC §6; partial-network-sharing paper §3.3-3.4).
+"""Partial network sharing for new classes (docs/method.md §6; partial-network-sharing paper §3.3-3.4).
 
 Class-incremental learning without forgetting: a base network is trained on the first
 class set; for each later set a *branch* is cloned from it, the first ``share`` fraction
@@ -91,6 +91,10 @@ class SharePlan:
             d.pop(k)
         return d
 
+    def __repr__(self) -> str:
+        return (f"SharePlan(share={self.share}, shared {self.n_shared_layers}/{len(self.layers)} layers = "
+                f"{100 * self.shared_fraction:.1f}% of conv params, cut at {self.cut!r}, classifier {self.classifier!r})")
+
 
 @contextmanager
 def _modes_saved(net: nn.Module) -> Iterator[None]:
@@ -166,7 +170,7 @@ def _check_share(share: float) -> float:
 
 
 def plan_share(model: nn.Module, share: float = 0.8, example_inputs=None) -> SharePlan:
-    """Decide which part of ``model`` a branch shares (SPEC §6; module docstring for the rule).
+    """Decide which part of ``model`` a branch shares (docs/method.md §6; module docstring for the rule).
 
     ``share``: fraction in ``[0, 1]`` of the counted (conv) parameters to share, taken as the
     longest forward-order prefix of counted layers not exceeding it. ``example_inputs``: a
@@ -263,7 +267,7 @@ def head_size(model: nn.Module, plan: Optional[SharePlan] = None) -> Optional[in
 
 
 def share(model: nn.Module, share: float = 0.8, num_classes: Optional[int] = None, example_inputs=None) -> nn.Module:
-    """A branch of ``model`` that shares its first ``share`` of conv parameters (SPEC §6).
+    """A branch of ``model`` that shares its first ``share`` of conv parameters (docs/method.md §6).
 
     Returns a deep copy of ``model`` (the model itself is not modified) in which the shared
     part (:func:`plan_share`) is frozen and its norms are kept in eval mode, so training the
@@ -523,6 +527,24 @@ class TrainingCost:
         """MACs of one training iteration: forward + backward."""
         return self.forward_macs + self.backward_macs
 
+    def __repr__(self) -> str:
+        t = f", {self.sec_per_iter * 1e3:.1f} ms/iter" if self.sec_per_iter is not None else ""
+        m = f", peak {self.peak_mem_mb:.0f} MB" if self.peak_mem_mb is not None else ""
+        return (f"TrainingCost(batch {self.batch_size}, {self.train_macs / 1e6:.1f} MMACs/iter, "
+                f"{self.trainable_params}/{self.params} params trainable{t}{m})")
+
+
+def _output_width(net: nn.Module, x1: torch.Tensor) -> int:
+    """Number of outputs of ``net`` for the one-image batch ``x1``, from an eval-mode forward.
+
+    Eval mode: in train mode a BatchNorm whose input is ``1 x 1`` (the last feature map of
+    a small image) cannot normalize a single value per channel. Every module's mode is
+    restored afterwards.
+    """
+    with _modes_saved(net), torch.no_grad():
+        net.eval()
+        return int(net(x1).shape[1])
+
 
 def _count_macs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
@@ -553,7 +575,7 @@ def _cpu_peak_mb(step) -> Optional[float]:
 
 def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Optional[int] = None,
                   iters: int = 10, warmup: int = 2, measure: bool = True) -> TrainingCost:
-    """Training cost of ``model`` per iteration on a batch like ``example_input`` (SPEC §6).
+    """Training cost of ``model`` per iteration on a batch like ``example_input`` (docs/method.md §6).
 
     MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2) on one forward and one
     backward pass of a cross-entropy loss: autograd computes no weight gradient for frozen
@@ -573,8 +595,7 @@ def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Op
     m = copy.deepcopy(unwrap(model))
     m.train()
     x = example_input
-    with torch.no_grad():
-        n_out = num_classes or int(m(x[:1]).shape[1])
+    n_out = num_classes or _output_width(m, x[:1])
     y = torch.randint(0, n_out, (x.shape[0],), device=x.device)
     fwd, bwd = _count_macs(m, x, y)
     params = [p for p in m.parameters() if p.requires_grad]

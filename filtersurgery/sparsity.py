@@ -1,4 +1,4 @@
-"""Selective sparsity training (SST) and its baseline BST — multistep paper III-B, SPEC §1.
+"""Selective sparsity training (SST) and its baseline BST — multistep paper III-B, docs/method.md §1.
 
 ``sp = filtersurgery.sparsify(model, target_r=0.3, epochs=90)`` returns a
 :class:`Sparsifier`. Inside any training loop::
@@ -48,7 +48,7 @@ def e_cut_of(e_max: int, e_cut_fraction: float = 1.0 / 3.0) -> float:
 
 @dataclass
 class SparsityConfig:
-    """Options of :func:`sparsify` (defaults: SPEC §1)."""
+    """Options of :func:`sparsify` (defaults: docs/method.md §1)."""
 
     target_r: float = 0.3
     epochs: Optional[int] = None  # E_max; None: SP_r = Target_r from the start

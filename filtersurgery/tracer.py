@@ -1,4 +1,4 @@
-"""The tracer: map every ``nn.Conv2d`` filter to the norm weight(s) that scale it (SPEC §0).
+"""The tracer: map every ``nn.Conv2d`` filter to the norm weight(s) that scale it (docs/method.md §0).
 
 ``trace(model)`` builds torch-pruning's ``DependencyGraph`` (one forward pass recorded by
 autograd; its nodes are modules and autograd ops) and walks it forward from each conv:
@@ -748,7 +748,7 @@ def _attempts(net: nn.Module, expected, device, user_given: bool):
 
 
 def trace(model: nn.Module, example_inputs=None) -> ScalingMap:
-    """Map every ``nn.Conv2d`` filter of ``model`` to the norm weight(s) that scale it (SPEC §0).
+    """Map every ``nn.Conv2d`` filter of ``model`` to the norm weight(s) that scale it (docs/method.md §0).
 
     ``model`` may be wrapped (DataParallel/DDP/``torch.compile``): the unwrapped module is
     traced and names are its ``named_modules()`` names. ``example_inputs`` is a tensor

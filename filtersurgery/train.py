@@ -1,4 +1,4 @@
-"""The multi-step trainer: SPEC §1-4 composed into steps, plus the §9 baselines.
+"""The multi-step trainer: docs/method.md §1-4 composed into steps, plus the §9 baselines.
 
 Read top to bottom, a step of the framework is::
 
@@ -63,7 +63,7 @@ STATE_FILE = "state.pt"
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Defaults are SPEC §1-4 and paper IV-B's."""
+    """Everything a run needs. Defaults are docs/method.md §1-4 and paper IV-B's."""
 
     model: str = "timm:resnet18"
     data: str = "fashion-mnist"
@@ -81,6 +81,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     subset: Optional[int] = None  # training images per part
+    image_size: Optional[int] = None  # image folders only (default: the images' own size, else 224)
     val_fraction: float = 0.1
     # SST / Dri / AOD / MSL
     target_r: float = 0.3
@@ -140,6 +141,8 @@ class TrainConfig:
                 raise ValueError(f"dri_I: each I needs target_r + I < 1 - I (target_r={self.target_r}), got {I}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ValueError(f"image_size: must be an integer >= 1 (pixels), got {self.image_size!r}")
         if self.subset is not None and self.subset <= 0:
             raise ValueError(f"subset: must be >= 1 images per part, got {self.subset}")
         if self.students not in (1, 2):
@@ -328,7 +331,8 @@ class Run:
         self.cfg, self.seed, self.out = cfg, seed, Path(out_dir)
         self.device = resolve_device(cfg.device)
         self.amp = amp_dtype(cfg, self.device)
-        self.data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+        self.data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
+                                                               image_size=cfg.image_size)
         parts = cfg.steps if cfg.split == "multi" else 2
         self.parts = split_parts(self.data.train_y, parts, seed=seed, val_fraction=cfg.val_fraction, subset=cfg.subset)
         self.work = self.out / ".work"
@@ -489,7 +493,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     for s in students:
         s.train()
     nets = _ddp_wrap(students, dev)  # what the batch loss calls (the students themselves without torchrun)
-    desc = f"seed{run.seed} step{step} {phase.name}"
+    desc = f"{cfg.method} seed{run.seed} step{step} {phase.name}"
     pending: List[Dict] = []  # epochs.csv rows not yet covered by a saved state
     saved_at = time.time()
     for epoch in range(start_epoch, phase.epochs):
@@ -530,7 +534,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
             row["sp_r"] = round(float(sp.sp_r), 4)
             row["zero_frac"] = round(sp.zero_fraction(), 4)  # SST's goal: >= target_r
         if teacher is not None and phase.kind == "sst_msl" and cfg.teacher_update and vals[0] > teacher_val:
-            teacher.load_state_dict(students[0].state_dict())  # SPEC §4 teacher update
+            teacher.load_state_dict(students[0].state_dict())  # docs/method.md §4 teacher update
             teacher_val = vals[0]
             row["teacher_updated"] = 1
         extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
@@ -556,7 +560,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         p.requires_grad_(True)
     if len(students) == 1:
         out = students[0]
-    else:  # SPEC §3: the better student on the current data's validation split
+    else:  # docs/method.md §3: the better student on the current data's validation split
         vals = [run.acc(s, phase.parts) for s in students]
         out = students[max(range(len(students)), key=lambda i: vals[i])]
     if is_main_process():
@@ -609,7 +613,7 @@ def _progress(it, desc: str, total: int, enable: bool):
 
 
 def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_names, last_block) -> torch.Tensor:
-    """The loss of one batch for ``phase.kind`` (SPEC §1-4, §9)."""
+    """The loss of one batch for ``phase.kind`` (docs/method.md §1-4, §9)."""
     cfg, data, dev = run.cfg, run.data, run.device
     ac = dict(device_type=dev.type, dtype=run.amp, enabled=run.amp is not None)
     norm = lambda x: augment.normalize(x, data.mean, data.std)  # noqa: E731
@@ -737,7 +741,22 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
                 f.unlink()
             (run.work / STATE_FILE).unlink(missing_ok=True)
         barrier()
+    if is_main_process():
+        checkpoint.remove_empty_dir(run.work)
     return metrics
+
+
+def resume_point(out_dir) -> Optional[Dict]:
+    """Where a re-run into ``out_dir`` continues inside a phase: ``{"step", "phase", "epoch"}``
+    (``epoch``: epochs of that phase already finished) from ``out_dir/.work/state.pt``, or
+    None when there is no such state. Reads only the state's small ``extra`` part."""
+    path = Path(out_dir) / ".work" / STATE_FILE
+    if not path.is_file():
+        return None
+    extra = checkpoint.peek_training_state(path)
+    if not {"step", "phase", "epoch"} <= set(extra):
+        return None
+    return {"step": int(extra["step"]), "phase": str(extra["phase"]), "epoch": int(extra["epoch"])}
 
 
 def single_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None, **kw) -> Dict:

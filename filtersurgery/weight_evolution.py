@@ -1,6 +1,6 @@
 """Weight Evolution (WE; Lin et al., ACM MM 2021) as the kernel-reactivation paper describes it.
 
-SPEC §5/§9 baseline: "WE selects an invalid filter based on the L1 norm, and then
+docs/method.md §5/§9 baseline: "WE selects an invalid filter based on the L1 norm, and then
 conducts reactivation by replacing only one weight in all kernels of the invalid filter
 with the largest weight value in all kernels in the most valid filter."
 
@@ -59,6 +59,10 @@ class EvolutionReport:
 
     def __bool__(self) -> bool:  # True when some weight was replaced
         return self.weights > 0
+
+    def __repr__(self) -> str:
+        return (f"EvolutionReport(alpha={self.alpha}, beta={self.beta}, {self.invalid_filters} invalid filters, "
+                f"{self.weights} weights in {len(self.layers)} convs)")
 
 
 def donor_weights(weight: torch.Tensor, best: int) -> torch.Tensor:

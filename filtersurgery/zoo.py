@@ -49,6 +49,11 @@ class VerifyResult:
         """True when no probed filter was mis-mapped."""
         return not self.mismappings
 
+    def __repr__(self) -> str:
+        first = f", first: {self.mismappings[0][:80]}" if self.mismappings else ""
+        return (f"VerifyResult({'ok' if self.ok else 'FAILED'}: {self.filters} filters, {self.checks} checks, "
+                f"{len(self.mismappings)} mis-mappings, {len(self.unverified)} unverified{first})")
+
 
 def _probe_filters(n: int, k: int) -> List[int]:
     """``k`` filters spread over ``[0, n)``: first, last, then evenly in between."""
@@ -194,7 +199,7 @@ def _input_tensor(model: nn.Module, input_size: Optional[Sequence[int]]):
     if input_size is None:
         return None
     if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
-        raise ValueError(f"--input-size: expected three positive integers C H W, got {list(input_size)}")
+        raise ValueError(f"input_size (--input-size): expected three positive integers C H W, got {list(input_size)}")
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     kw = dict(device=p.device, dtype=p.dtype) if p is not None else {}
     return torch.randn(1, *[int(s) for s in input_size], **kw)
@@ -216,7 +221,13 @@ def inspect_model(spec: str, input_size: Optional[Sequence[int]] = None, meta: b
             model = None
     if model is None:
         model, source = build_model(spec)
-    sm = trace(model, _input_tensor(model, input_size))
+    try:
+        sm = trace(model, _input_tensor(model, input_size))
+    except ValueError as e:  # the tracer names its own argument; here the size came from input_size
+        msg = str(e)
+        if input_size is not None and msg.startswith("example_inputs:"):
+            raise ValueError("input_size (--input-size):" + msg[len("example_inputs:"):]) from None
+        raise
     return sm, source, name
 
 
@@ -226,11 +237,15 @@ def _rounded(coverage: Optional[float]) -> Optional[float]:
 
 
 def _inspect_json(sm: ScalingMap, source: str, name: str) -> dict:
+    """The ``inspect --json`` object (schema in docs/tracer.md)."""
     return {
         "model": name,
         "source": source,
+        "input_size": [int(v) for v in sm.input_size] if sm.input_size else None,
         "trace_seconds": round(float(sm.trace_seconds or 0.0), 4),
         "coverage": _rounded(sm.coverage),
+        "totals": {"convs": len(sm), "mapped": len(sm.mapped), "unscaled": len(sm.unscaled),
+                   "scaling_factors": int(sm.factors.numel)},
         "convs": sm.to_json(),
     }
 
@@ -262,7 +277,7 @@ def _frozen_note(sm: ScalingMap) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``filtersurgery inspect SPEC``: print the scaling map of one model (table or ``--json``)."""
+    """``filtersurgery inspect MODEL``: print the scaling map of one model (table or ``--json``)."""
     sm, source, name = inspect_model(args.spec, args.input_size)
     if args.json:
         print(json.dumps(_inspect_json(sm, source, name)))
@@ -389,19 +404,21 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     """Register the ``inspect`` and ``zoo`` sub-commands (see :mod:`filtersurgery.cli`)."""
     p = sub.add_parser("inspect", help="trace one model: every conv -> the norm weight(s) scaling its filters")
-    p.add_argument("spec", help="timm:NAME, torchvision:NAME or a bare timm NAME (random weights)")
+    p.add_argument("spec", metavar="MODEL",
+                   help="timm:NAME, torchvision:NAME, cifar:resnetDEPTH or a bare timm NAME (random weights)")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), default=None,
                    help="example input size (default: the model's own, e.g. timm pretrained_cfg input_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in docs/tracer.md)")
     p.set_defaults(func=cmd_inspect)
 
     z = sub.add_parser("zoo", help="trace every CNN of a model source; per-model line plus totals")
-    z.add_argument("--source", choices=SOURCES, default="timm")
+    z.add_argument("--source", choices=SOURCES, default="timm", help="model zoo to list (default %(default)s)")
     z.add_argument("--filter", action="append", metavar="GLOB",
                    help="only model names matching GLOB (repeatable; comma-separated globs allowed)")
     z.add_argument("--verify", action="store_true",
                    help="perturb mapped filters and check that exactly the mapped norm channels change")
     z.add_argument("--filters-per-conv", type=int, default=3, help="filters probed per conv by --verify (default 3)")
-    z.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), default=None)
+    z.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), default=None,
+                   help="example input size for every model (default: each model's own)")
     z.add_argument("--json", action="store_true", help="print one JSON object with per-model rows and totals")
     z.set_defaults(func=cmd_zoo)

@@ -1,4 +1,4 @@
-"""Issue 9: every bad input of docs/bad_inputs.md gives its one-line error.
+"""Every bad input of docs/bad_inputs.md gives its one-line error.
 
 Python API calls raise a one-line ``ValueError`` / ``FileNotFoundError`` /
 ``PermissionError`` that names the argument; CLI calls (``filtersurgery.cli.main``)
@@ -18,7 +18,7 @@ import filtersurgery as fs
 from filtersurgery import checkpoint, losses, train
 from filtersurgery.cifar_resnet import cifar_resnet
 from filtersurgery.cli import build_parser, main
-from filtersurgery.data import BatchLoader, ImageData, load_dataset, split_parts
+from filtersurgery.data import BatchLoader, ImageData, check_classes, load_dataset, split_parts
 from filtersurgery.models import build_model
 from filtersurgery.runner import config_from_args
 
@@ -42,6 +42,17 @@ def image_data(train_y, n_test=2, num_classes=10):
     x = torch.zeros(len(train_y), 1, 4, 4, dtype=torch.uint8)
     return ImageData(x, torch.as_tensor(train_y), x[:n_test], torch.zeros(n_test, dtype=torch.int64), num_classes,
                      1, 4, [0.5], [0.25], "toy")
+
+
+def one_class_folder(t):
+    """``t/one/{train,val}/only/0.png``: an image folder with a single class."""
+    from PIL import Image
+
+    root = t / "one"
+    for split in ("train", "val"):
+        (root / split / "only").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4)).save(root / split / "only" / "0.png")
+    return root
 
 
 def nan_gamma():
@@ -200,6 +211,22 @@ API += [
      r"^model: expected an nn\.Module, got str"),
     ("freeze_norms: not a model", lambda t: fs.freeze_norms(None), ValueError, r"^model: expected an nn\.Module, got NoneType"),
 ]
+API += [  # the first hour of a new user
+    ("load_dataset: image folder with one class", lambda t: load_dataset(f"imagefolder:{one_class_folder(t)}"),
+     ValueError, r"^data: image folder .*train has 1 class folder\(s\) \(only\); a classifier needs at least 2 classes"),
+    ("load_dataset: image folder that does not exist", lambda t: load_dataset(f"imagefolder:{t}/nowhere"),
+     FileNotFoundError, r"^data: image folder .*nowhere does not exist"),
+    ("load_dataset: image_size for fashion-mnist", lambda t: load_dataset("demo", image_size=32), ValueError,
+     r"^image_size: only image folders are resized"),
+    ("check_classes: training labels of one class", lambda t: check_classes(image_data([1, 1, 1])), ValueError,
+     r"^data: toy has 1 class\(es\) with training images"),
+    ("TrainConfig: image_size=0", lambda t: train.TrainConfig(image_size=0).validate(), ValueError,
+     r"^image_size: must be an integer >= 1"),
+    ("build_model: misspelt timm model", lambda t: build_model("timm:efficentnet_b0"), ValueError,
+     r"^spec: unknown timm model 'efficentnet_b0'; did you mean timm:efficientnet_b0"),
+    ("build_model: a timm name as torchvision", lambda t: build_model("torchvision:resnet10t"), ValueError,
+     r"^spec: unknown torchvision classification model 'resnet10t'; 'resnet10t' is a timm model: use timm:resnet10t"),
+]
 if CUDA:  # pragma: no cover - the CPU CI has no CUDA
     API = [c for c in API if not c[0].startswith("resolve_device")]
 
@@ -302,7 +329,7 @@ CLI = [
     ("run --data-root DIR that does not exist", lambda t: run_args(t, "--data", "fashion-mnist", "--data-root", t / "nowhere"),
      r"root: data folder .*nowhere does not exist"),
     ("run --data imagefolder:MISSING", lambda t: run_args(t, "--data", f"imagefolder:{t}/nowhere"),
-     r"image folder .*nowhere must contain train/ and val/"),
+     r"data: image folder .*nowhere does not exist \(--data imagefolder:PATH\)"),
     ("run --device tpu", lambda t: run_args(t, "--device", "tpu"), r"tpu"),
     ("run: corrupt metrics.json in --out", _corrupt_metrics, r"out: .*metrics\.json is corrupt .*move it away or use another --out"),
     ("run: --out holds a run with other settings", _other_settings, r"out: .* holds a run with epochs=5 \(now 1\)"),
@@ -311,9 +338,9 @@ CLI = [
     ("run: read-only --out", _read_only_out, r"out: cannot create directory .*(filtersurgery-read-only|ro)/out/seed0: "
                                               r"(permission denied|no such file or directory|read-only file system)"),
     ("inspect --input-size 3 0 32", lambda t: ["inspect", "cifar:resnet20", "--input-size", "3", "0", "32"],
-     r"--input-size: expected three positive integers C H W, got \[3, 0, 32\]"),
+     r"input_size \(--input-size\): expected three positive integers C H W, got \[3, 0, 32\]"),
     ("inspect --input-size 5 32 32", lambda t: ["inspect", "cifar:resnet20", "--input-size", "5", "32", "32"],
-     r"example_inputs: expected shape \(N, 3, H, W\)"),
+     r"input_size \(--input-size\): expected shape \(N, 3, H, W\)"),
     ("inspect timm:resnet_nope", lambda t: ["inspect", "timm:resnet_nope"], r"spec: unknown timm model"),
 ]
 if not CUDA:
@@ -323,6 +350,13 @@ if not CUDA:
 
 
 CLI += [
+    ("run --data imagefolder:ONE-CLASS", lambda t: run_args(t, "--data", f"imagefolder:{one_class_folder(t)}"),
+     r"data: image folder .*train has 1 class folder\(s\) \(only\); a classifier needs at least 2 classes"),
+    ("run --image-size 32 with --data demo", lambda t: run_args(t, "--data", "demo", "--image-size", "32"),
+     r"image_size: only image folders are resized"),
+    ("run --image-size 0", lambda t: run_args(t, "--image-size", "0"), r"image_size: must be an integer >= 1"),
+    ("run --model efficentnet_b0", lambda t: run_args(t, "--model", "efficentnet_b0"),
+     r"spec: unknown timm model 'efficentnet_b0'; did you mean timm:efficientnet_b0"),
     ("run: metrics.json in --out holds a JSON list",
      lambda t: (os.makedirs(t / "seed0"), (t / "seed0" / "metrics.json").write_text("[1, 2]"), run_args(t))[-1],
      r"out: "),

@@ -1,4 +1,4 @@
-"""Data layer: datasets, SPEC §8 splits, the batch loader and the batched augmentation."""
+"""Data layer: datasets, docs/method.md §8 splits, the batch loader and the batched augmentation."""
 import os
 import warnings
 

@@ -1,4 +1,4 @@
-"""Issue 9: distributed training (2 CPU processes, gloo) and resume after SIGKILL."""
+"""Distributed training (2 CPU processes, gloo) and resume after SIGKILL."""
 from __future__ import annotations
 
 import json

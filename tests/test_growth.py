@@ -1,4 +1,4 @@
-"""Incremental growth with look-ahead (SPEC §7): partition, grow, freezing, termination rule, CLI."""
+"""Incremental growth with look-ahead (docs/method.md §7): partition, grow, freezing, termination rule, CLI."""
 import json
 import math
 

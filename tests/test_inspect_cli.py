@@ -1,4 +1,4 @@
-"""``filtersurgery inspect`` / ``zoo`` command lines (issue 2, checked by name)."""
+"""``filtersurgery inspect`` / ``zoo`` command lines (checked by name)."""
 import json
 
 import pytest
@@ -20,7 +20,9 @@ def test_inspect_json_schema(capsys):
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1  # exactly one JSON object
     obj = json.loads(lines[0])
-    assert set(obj) == {"model", "source", "trace_seconds", "coverage", "convs"}
+    assert set(obj) == {"model", "source", "input_size", "trace_seconds", "coverage", "totals", "convs"}
+    assert len(obj["input_size"]) == 3 and obj["input_size"][0] == 3  # the size the trace ran with
+    assert obj["totals"] == {"convs": 20, "mapped": 20, "unscaled": 0, "scaling_factors": 4800}
     assert obj["model"] == "resnet18" and obj["source"] == "torchvision"
     assert isinstance(obj["trace_seconds"], float) and obj["coverage"] == 1.0
     model, _ = build_model("torchvision:resnet18")

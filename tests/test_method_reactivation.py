@@ -1,4 +1,4 @@
-"""Kernel reactivation as a training method (issue 6): selection against a brute-force C1∩C2∩C3
+"""Kernel reactivation as a training method: selection against a brute-force C1∩C2∩C3
 reference, per-epoch callbacks, Weight Evolution, Filter Grafting, and one tiny CLI run per method.
 
 tests/test_reactivation.py covers the hand-built 4x4 selection, ratio preservation, the

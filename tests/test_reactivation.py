@@ -1,4 +1,4 @@
-"""Kernel reactivation (SPEC §5): C1 ∩ C2 ∩ C3 selection, ratio-preserving rescale, no-ops, 1x1 skipped."""
+"""Kernel reactivation (docs/method.md §5): C1 ∩ C2 ∩ C3 selection, ratio-preserving rescale, no-ops, 1x1 skipped."""
 import pytest
 import torch
 from torch import nn

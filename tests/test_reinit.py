@@ -1,4 +1,4 @@
-"""Diverse re-initialization (SPEC §2, eq. 4) and the global ranking it uses."""
+"""Diverse re-initialization (docs/method.md §2, eq. 4) and the global ranking it uses."""
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Issue 9 (reliability): operations never corrupt a model; mixed precision and channels_last.
+"""Reliability: operations never corrupt a model; mixed precision and channels_last.
 
 After every operation (``sparsify`` + ``step``, ``rescale``, ``rank_filters``,
 ``reactivate_kernels``, ``share``) the outputs are finite and the dtype, device, memory

@@ -1,4 +1,4 @@
-"""Partial network sharing (SPEC §6): share(), BranchedNet, the cost model, the CLI methods and the sweep."""
+"""Partial network sharing (docs/method.md §6): share(), BranchedNet, the cost model, the CLI methods and the sweep."""
 import argparse
 import csv
 import json
@@ -234,6 +234,22 @@ def test_training_cost_counts_frozen_layers_without_weight_gradients():
     assert head_only.trainable_params == 64 * 3 + 3 < half.trainable_params < full.trainable_params
     measured = training_cost(share(base, 0.5, 3, X[:1]), x, iters=2, warmup=1)
     assert measured.sec_per_iter > 0 and (measured.peak_mem_mb is None or measured.peak_mem_mb > 0)
+
+
+def test_training_cost_of_a_model_whose_last_map_is_1x1():
+    """The output width is read in eval mode: a train-mode BatchNorm on a 1x1 map of one
+    image raised "Expected more than 1 value per channel when training"."""
+    from filtersurgery.cifar_resnet import cifar_resnet
+
+    torch.manual_seed(0)
+    base = cifar_resnet(8, num_classes=4, in_chans=1)  # 4x4 input -> layer3 runs on 1x1 maps
+    x = torch.randn(2, 1, 4, 4)
+    base.train()
+    cost = training_cost(base, x, measure=False)  # num_classes not given: probed with one image
+    assert cost.forward_macs > 0 and cost.backward_macs > 0
+    assert base.training and all(m.training for m in base.modules())  # the model's modes are untouched
+    br = share(base, 0.5, num_classes=3, example_inputs=x[:1])
+    assert training_cost(br, x, iters=1, warmup=0).sec_per_iter > 0
 
 
 def test_class_sets_and_subsets():

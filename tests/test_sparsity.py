@@ -1,4 +1,4 @@
-"""SST / BST (SPEC §1): SP_r schedule (eq. 2-3), early switch, target selection, step(), bad input."""
+"""SST / BST (docs/method.md §1): SP_r schedule (eq. 2-3), early switch, target selection, step(), bad input."""
 import math
 
 import pytest

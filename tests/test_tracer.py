@@ -1,4 +1,4 @@
-"""filtersurgery.trace: conv filter -> norm channel maps (SPEC §0, issue 2)."""
+"""filtersurgery.trace: conv filter -> norm channel maps (docs/method.md §0)."""
 import copy
 
 import pytest
