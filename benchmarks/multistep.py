@@ -40,6 +40,8 @@ VARIANTS = {
     "lwm": dict(method="lwm"),
     "framework": dict(method="framework"),
     "joint": dict(method="joint"),
+    "shrink-perturb": dict(method="shrink-perturb", lr=1e-2),
+    "dash": dict(method="dash", lr=1e-2),
     "finetune(1e-2) 3x epochs": dict(method="finetune", lr=1e-2, _x=3),
     "joint 3x epochs": dict(method="joint", _x=3),
     # fine-tuning given the framework's training FLOPs over steps 2.. (epochs from phase_flops)
@@ -47,7 +49,7 @@ VARIANTS = {
 }
 # the --cpu-medium testbed's comparison
 MEDIUM = ["finetune(1e-3)", "finetune(1e-2)", "framework", "joint", "finetune(1e-2) equal FLOPs"]
-MEDIUM_SUBSET, MEDIUM_EPOCHS = 9000, 5
+MEDIUM_SUBSET, MEDIUM_EPOCHS, MEDIUM_STEP1_EPOCHS = 9000, 4, 8
 ABLATIONS = {
     "framework no-MSL": dict(method="framework", msl=False),
     "framework no-teacher-update": dict(method="framework", teacher_update=False),
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true", help="also run the framework ablations")
     p.add_argument("--cpu-small", action="store_true", help="smoke configuration (timm resnet18, 500 images per part)")
     p.add_argument("--cpu-medium", action="store_true",
-                   help="the CPU testbed: cifar:resnet8, %d images per part, %d epochs, batch 64, 2 processes" % (MEDIUM_SUBSET, MEDIUM_EPOCHS))
+                   help="the CPU testbed: cifar:resnet8, %d training images per part, %d epochs per phase (step 1: %d), "
+                        "batch 64, 2 processes" % (MEDIUM_SUBSET, MEDIUM_EPOCHS, MEDIUM_STEP1_EPOCHS))
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     p.add_argument("--no-report", dest="table", action="store_false",
                    help="train only: no table, plot or table.md (for many processes writing into one --out)")
@@ -166,6 +169,7 @@ def main(argv=None) -> int:
         # the CPU testbed (docs/trainer.md, "The CPU testbed"): the smallest configuration whose step 1 is
         # well trained (>= 83% test) and whose 5-method comparison runs 3 seeds in ~75 min on 2 cores
         args.model, args.epochs, args.subset, args.batch_size = "cifar:resnet8", MEDIUM_EPOCHS, MEDIUM_SUBSET, 64
+        args.step1_epochs = args.step1_epochs or MEDIUM_STEP1_EPOCHS
         args.device = "cpu" if args.device == "auto" else args.device
         args.jobs = args.jobs or 2
     default = {k: v for k, v in VARIANTS.items() if not (args.cpu_small and k == "joint 3x epochs")}

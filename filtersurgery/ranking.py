@@ -96,7 +96,7 @@ def _is_norm(m: nn.Module) -> bool:
 def check_finite(model: ModelOrMap, arg: str = "model") -> None:
     """One-line ValueError when a scaling factor or a conv weight of ``model`` is NaN/Inf.
 
-    Checks the affine weight of every normalization layer (the scaling factors, SPEC §0)
+    Checks the affine weight of every normalization layer (the scaling factors, docs/method.md §0)
     and the weight of every ``nn.Conv2d``, without tracing. Operations call it before they
     change anything, so a diverged model raises (``model: 2 scaling factors are NaN/Inf
     (first: layer1.0.bn1.weight[5]); ...``) instead of spreading NaN/Inf into the copies,

@@ -22,7 +22,8 @@ from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 # settings that must match for a re-run to resume into an existing --out
 _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
              "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "at_min_size",
-             "step1_epochs", "image_size")
+             "step1_epochs", "image_size", "sp_shrink", "sp_noise", "dash_lam",
+             "dash_alpha", "dash_granularity")
 # methods whose --lr is the lr of the whole (single) training, default TrainConfig.scratch_lr
 _LR_IS_TRAINING_LR = ("plain", "reactivation", "weight-evolution", "filter-grafting", "growth")
 MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNet, DEPTH = 6n+2, e.g. "
@@ -79,6 +80,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "in the SST schedule (default %(default)s)")
     p.add_argument("--lam-safety", type=float, default=d.lam_safety, help="margin of --lam auto (default %(default)s)")
     p.add_argument("--at-weight", type=float, default=d.at_weight, help="weight of the AT term of MSL (default %(default)s)")
+    p.add_argument("--sp-shrink", type=float, default=d.sp_shrink,
+                   help="shrink-perturb: weights are scaled by this (default %(default)s)")
+    p.add_argument("--sp-noise", type=float, default=d.sp_noise,
+                   help="shrink-perturb: scale of the noise drawn like a fresh initialisation (default %(default)s)")
+    p.add_argument("--dash-lam", type=float, default=d.dash_lam,
+                   help="dash: lower bound of the per-kernel shrink factor max(lam, cos(w, -grad)) (default %(default)s)")
+    p.add_argument("--dash-alpha", type=float, default=None,
+                   help="dash: running-average weight of batch gradients (default: the mean gradient over the part)")
+    p.add_argument("--dash-granularity", choices=["kernel", "filter"], default=d.dash_granularity,
+                   help="dash: one shrink factor per kernel (the authors' code) or per filter (default %(default)s)")
     p.add_argument("--at-min-size", type=int, default=d.at_min_size,
                    help="attention transfer only on blocks whose map is at least this many pixels a side (default %(default)s)")
     p.add_argument("--no-msl", dest="msl", action="store_false", help="ablation: steps>=3 run SST with CE, no distillation")
@@ -105,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, subset=args.subset, image_size=getattr(args, "image_size", None), target_r=args.target_r,
         lam=args.lam, at_weight=args.at_weight, msl=args.msl,
         ranking=args.ranking, lam_safety=args.lam_safety, at_min_size=args.at_min_size,
+        sp_shrink=args.sp_shrink, sp_noise=args.sp_noise, dash_lam=args.dash_lam, dash_alpha=args.dash_alpha,
+        dash_granularity=args.dash_granularity,
         teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,
         channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress,
     )

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import augment, checkpoint, losses
+from . import augment, checkpoint, losses, warmstart
 from .blockfeats import capture_blocks, spatial_blocks
 from .data import BatchLoader, ImageData, load_dataset, split_parts
 from .models import build_model
@@ -45,7 +45,7 @@ from .reinit import rescale
 from .ranking import RANKINGS
 from .sparsity import lam_for_budget, sparsify
 
-METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint")
+METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
 # single-run methods (one entry in metrics.json) and the module that implements each; such a
 # module exposes ``add_arguments(parser)`` (its own CLI flags) and
 # ``run_method(cfg, args, out_dir, seed, data) -> metrics`` (writes metrics.json via write_metrics)
@@ -83,11 +83,17 @@ class TrainConfig:
     subset: Optional[int] = None  # training images per part
     image_size: Optional[int] = None  # image folders only (default: the images' own size, else 224)
     val_fraction: float = 0.1
+    # warm-start baselines (filtersurgery.warmstart): Shrink & Perturb, DASH
+    sp_shrink: float = 0.4
+    sp_noise: float = 0.1
+    dash_lam: float = 0.3
+    dash_alpha: Optional[float] = None
+    dash_granularity: str = "kernel"
     # SST / Dri / AOD / MSL
     target_r: float = 0.3
     ranking: str = "per-norm"  # how factors of different norms compare: "global" (paper) | "per-norm"
     lam: Union[float, str] = "auto"  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
-    lam_safety: float = 2.0  # the "auto" rule's margin
+    lam_safety: float = 3.0  # the "auto" rule's margin (chosen on the testbed's validation: docs/method.md)
     e_cut_fraction: float = 1.0 / 3.0
     dri_I: Tuple[float, float] = (0.1, 0.2)
     alpha: float = 0.5
@@ -151,6 +157,15 @@ class TrainConfig:
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
         if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam: must be 'auto' or a finite number >= 0, got {self.lam!r}")
+        for name, v, ok, allowed in (("sp_shrink", self.sp_shrink, 0 < self.sp_shrink <= 1, "in (0, 1]"),
+                                     ("sp_noise", self.sp_noise, self.sp_noise >= 0, ">= 0"),
+                                     ("dash_lam", self.dash_lam, 0 <= self.dash_lam <= 1, "in [0, 1]")):
+            if not (math.isfinite(v) and ok):
+                raise ValueError(f"{name}: must be {allowed}, got {v}")
+        if self.dash_alpha is not None and not 0 < self.dash_alpha <= 1:
+            raise ValueError(f"dash_alpha: must be None or in (0, 1], got {self.dash_alpha}")
+        if self.dash_granularity not in ("kernel", "filter"):
+            raise ValueError(f"dash_granularity: must be kernel or filter, got {self.dash_granularity!r}")
         if not (math.isfinite(self.lam_safety) and self.lam_safety > 0):
             raise ValueError(f"lam_safety: must be a finite number > 0, got {self.lam_safety}")
         if self.ranking not in RANKINGS:
@@ -279,6 +294,9 @@ class Phase:
     # Single-run methods use it for per-epoch surgery (kernel reactivation, weight
     # evolution, filter grafting).
     epoch_end: Optional[Callable[[List[nn.Module], int, float], Optional[Dict]]] = None
+    # a warm-start operation applied to the incoming model before the phase's first epoch
+    # ("shrink-perturb" or "dash", filtersurgery.warmstart)
+    warm_start: Optional[str] = None
 
 
 def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
@@ -295,6 +313,8 @@ def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
         return [Phase("dml", "dml", [k], cfg.new_lr, E)]
     if m == "lwm":
         return [Phase("lwm", "lwm", [k], cfg.new_lr, E)]
+    if m in warmstart.WARMSTART_METHODS:  # the op on the incoming model, then fine-tuning on Data_k
+        return [Phase(m, "finetune", [k], cfg.new_lr, E, warm_start=m)]
     selective = m != "bst"
     aod = Phase("aod", "aod", [k], cfg.new_lr, E)
     if not cfg.sst:
@@ -320,7 +340,8 @@ def phase_flops(phase: Phase, fwd: int, n_images: int, students: int) -> int:
         "dml": 2 * 3 * fwd,
         "lwm": 3 * fwd + fwd + 2 * fwd,  # + teacher forward + Grad-CAM backward passes
     }[phase.kind]
-    return per_img * n_images * phase.epochs
+    once = 3 * fwd * n_images if phase.warm_start == "dash" else 0  # DASH: one gradient pass over the part
+    return per_img * n_images * phase.epochs + once
 
 
 class Run:
@@ -399,6 +420,32 @@ def _seed_everything(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _resumes(state_path: Path, step: int, phase: Phase) -> bool:
+    """True when ``state_path`` holds a saved epoch of this step's ``phase``."""
+    if not state_path.exists():
+        return False
+    extra = checkpoint.peek_training_state(state_path)
+    return extra.get("step") == step and extra.get("phase") == phase.name
+
+
+def _warm_start(run: Run, step: int, phase: Phase, model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor) -> None:
+    """Apply ``phase.warm_start`` to the incoming model (once, before the first epoch).
+
+    Shrink & Perturb draws its noise from a freshly initialised, seeded model of the same
+    spec; DASH takes one gradient pass over the current part's training images, normalized
+    but not augmented.
+    """
+    cfg, dev = run.cfg, run.device
+    if phase.warm_start == "shrink-perturb":
+        g = torch.Generator().manual_seed(phase_seed(run.seed, step, phase.name, "noise:"))
+        warmstart.prepare_step("shrink-perturb", model, cfg=cfg, generator=g, init=run.new_model(seed_offset=1000 + step))
+        return
+    cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=False, device=dev)
+    norm = lambda x: augment.normalize(x, run.data.mean, run.data.std, memory_format=cl)  # noqa: E731
+    warmstart.prepare_step("dash", model, loader, cfg=cfg, transform=norm, amp=run.amp)
+
+
 def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     """Train ``phase`` starting from ``model``; returns the phase's output model.
 
@@ -412,6 +459,9 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         return model
 
     x_tr, y_tr = run.part_xy(phase.parts, "train")
+    state_path = run.work / STATE_FILE
+    if phase.warm_start is not None and not _resumes(state_path, step, phase):
+        _warm_start(run, step, phase, model, x_tr, y_tr)
     world = dist_info()[1]  # under torchrun each rank takes its share of every epoch (BatchLoader)
     loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev,
                          seed=phase_seed(run.seed, step, phase.name, "order:"), drop_last=len(y_tr) > cfg.batch_size * world)
@@ -472,7 +522,6 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
 
     # ---- resume inside the phase
     start_epoch = 0
-    state_path = run.work / STATE_FILE
     if state_path.exists():
         st = checkpoint.load_training_state(state_path)
         if st["extra"].get("step") == step and st["extra"].get("phase") == phase.name:

@@ -1,5 +1,6 @@
 """Shrink & Perturb and DASH (filtersurgery/warmstart.py, docs/warmstart.md) on trained models."""
 import copy
+from dataclasses import replace
 import math
 
 import pytest
@@ -508,3 +509,25 @@ def test_bad_input_changes_nothing():
         assert torch.equal(p.detach(), before2[n])
     for n, p in m.named_parameters():
         assert torch.allclose(p.detach(), before[n], rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- trainer methods
+@pytest.mark.parametrize("method", ["shrink-perturb", "dash"])
+def test_trainer_method_applies_the_op_once_then_finetunes(tmp_path, method, monkeypatch):
+    from filtersurgery import train
+
+    calls = []
+    real = train.warmstart.prepare_step
+    monkeypatch.setattr(train.warmstart, "prepare_step", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    data = load_dataset("demo", subset_test=100)
+    cfg = train.TrainConfig(model="cifar:resnet8", method=method, steps=3, epochs=1, subset=64, batch_size=32,
+                            device="cpu", progress=False, lr=1e-2)
+    m = train.multi_step(cfg, tmp_path / method, seed=0, data=data)
+    assert [e["phases"] for e in m["steps"]] == [["scratch"], [method], [method]]
+    assert calls == [method, method]  # once per step >= 2
+    ft = train.multi_step(replace(cfg, method="finetune"), tmp_path / "ft", seed=0, data=data)
+    extra = m["steps"][1]["train_flops"] - ft["steps"][1]["train_flops"]
+    assert (extra > 0) == (method == "dash")  # DASH's gradient pass over the part is counted
+    calls.clear()
+    train.multi_step(cfg, tmp_path / method, seed=0, data=data)  # complete: nothing re-applied
+    assert calls == []
