@@ -738,13 +738,15 @@ def write_metrics(out_dir, data: ImageData, config: Dict, steps: List[Dict], **e
 
 
 def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None,
-               step1_from: Optional[str] = None, until_step: Optional[int] = None) -> Dict:
+               step1_from: Optional[str] = None, until_step: Optional[int] = None,
+               on_step: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Run ``cfg.steps`` steps of ``cfg.method`` for one seed; returns the metrics dict.
 
     Writes ``out_dir/stepK.safetensors``, ``out_dir/metrics.json``, ``out_dir/epochs.csv``.
     Re-running with the same ``out_dir`` resumes. ``step1_from``: a ``step1.safetensors``
     to reuse (the step-1 model is the same for every method of a seed); ``until_step``:
-    stop after that step (the rest can be run later into the same ``out_dir``).
+    stop after that step (the rest can be run later into the same ``out_dir``); ``on_step``:
+    called with each newly trained step's ``metrics.json`` entry as soon as it is written.
     """
     run = Run(cfg, seed, Path(out_dir), data)
     out = run.out
@@ -790,6 +792,8 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
                 f.unlink()
             (run.work / STATE_FILE).unlink(missing_ok=True)
         barrier()
+        if on_step is not None and is_main_process():
+            on_step(entry)
     if is_main_process():
         checkpoint.remove_empty_dir(run.work)
     return metrics
