@@ -90,13 +90,15 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-small", action="store_true", help="CPU-sized: batch 64, 20 batches per epoch, 5 rounds")
     p.add_argument("--data-root", default=None, help="folder holding the Fashion-MNIST files")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--state-every", type=float, default=0.0,
+                   help="the trainer's resumable-state interval in seconds (0: after every epoch, the default)")
     p.add_argument("--json", type=Path, default=None, help="also write the ratios and times as JSON here")
     args = p.parse_args(argv)
     if args.cpu_small:
         args.batch_size, args.batches, args.device = 64, 20, "cpu"
     cfg = TrainConfig(model=args.model, device=args.device, batch_size=args.batch_size, max_batches=args.batches,
                       subset=args.batch_size * (args.batches + 1), steps=2, progress=False, method="framework",
-                      channels_last=args.channels_last)
+                      channels_last=args.channels_last, state_every=args.state_every)
     data = load_dataset("fashion-mnist", root=args.data_root, allow_demo=True)
     tmp = Path(tempfile.mkdtemp(prefix="fs_cost_"))
     run = Run(cfg, 0, tmp, data)
