@@ -233,14 +233,6 @@ class FilterRanking:
     def __len__(self) -> int:
         return int(self.order.numel())
 
-    def __repr__(self) -> str:
-        n = len(self)
-        if not n:
-            return "FilterRanking(0 factors)"
-        lo, med, hi = (float(self.abs_gamma[i]) for i in (0, n // 2, n - 1))
-        return (f"FilterRanking({n} factors in {len(self.factors.norms)} norms, "
-                f"|gamma| min {lo:.4g} / median {med:.4g} / max {hi:.4g})")
-
     def location(self, j: int) -> Tuple[str, int]:
         """``(norm_name, channel)`` of the factor of rank ``j``."""
         return self.factors.locate(int(self.order[j]))
@@ -261,18 +253,23 @@ class FilterRanking:
         return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 
-def rank_filters(model: ModelOrMap, ranking: str = "global") -> FilterRanking:
+def rank_filters(model: ModelOrMap, ranking: str = "global", scales: Optional[torch.Tensor] = None) -> FilterRanking:
     """Rank all scaling factors of ``model`` by score (multistep paper III-B; docs/method.md).
 
     ``ranking="global"`` (default, the paper's rule) ranks by |gamma|; ``"per-norm"`` by
-    |gamma| over the mean |gamma| of the factor's own norm. Accepts a model (traced) or a
-    ScalingMap. Ties are broken by factor index. The returned tensors are on the CPU.
+    |gamma| over the mean |gamma| of the factor's own norm. ``scales`` fixes the per-factor
+    norm scales (global factor order), e.g. ``Sparsifier.scales`` from the start of SST, so
+    that a norm SST drove towards 0 still ranks as small; default: the current gammas'.
+    Accepts a model (traced) or a ScalingMap. Ties are broken by factor index. The returned
+    tensors are on the CPU.
     """
     check_ranking(ranking)
     sm = as_scaling_map(model)
     fv = factor_view(sm)
     a = checked_gammas(fv).abs()
-    scale = factor_scales(fv, ranking, a)
+    if scales is not None and scales.numel() != a.numel():
+        raise ValueError(f"scales: one per scaling factor ({a.numel()}), got {scales.numel()}")
+    scale = factor_scales(fv, ranking, a) if scales is None else scales.to(a.device, a.dtype).clamp_min(_SCALE_FLOOR)
     a, scale = a.cpu(), scale.cpu()
     srt = torch.sort(a / scale, stable=True)
     return FilterRanking(order=srt.indices, abs_gamma=a[srt.indices], factors=fv, scaling_map=sm,

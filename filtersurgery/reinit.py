@@ -80,6 +80,7 @@ def rescale(
     generator: Optional[torch.Generator] = None,
     reset_bias: bool = False,
     ranking: str = "global",
+    scales: Optional[torch.Tensor] = None,
 ) -> RescaleReport:
     """Diverse re-initialization (eq. 4): re-draw the gammas of the useless factors.
 
@@ -91,10 +92,13 @@ def rescale(
     unless ``reset_bias=True`` (then 0). Conv weights are not touched. ``generator`` (a CPU
     ``torch.Generator``) makes the draw reproducible; two students use two generators.
     A range of (nearly) zero width, as on an untrained model, makes every draw the same
-    value: a warning says so.
+    value: a warning says so. ``scales`` (per factor, global factor order): the norm scales
+    to rank and map back with; after SST pass ``Sparsifier.scales`` (the norms' means at the
+    start of SST), so the useless set is SST's and a norm SST emptied is re-drawn at its
+    former scale. Default: the current gammas' (``ranking`` decides).
     """
     target_r, I = check_interval(target_r, I)
-    rk = rank_filters(model, ranking)
+    rk = rank_filters(model, ranking, scales)
     n = len(rk)
     pool = allowed_range(n, target_r, I)
     if pool.numel() == 0:

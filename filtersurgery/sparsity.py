@@ -374,12 +374,13 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
                    safety: float = 2.0, ranking: str = "global") -> float:
     """The ``lam="auto"`` rule: the lambda whose L1 push can carry the ``Target_r`` quantile to 0.
 
-    Under SGD with momentum ``mu`` and a cosine schedule from ``lr`` over ``steps`` steps, a
-    constant subgradient ``lam`` moves a factor by ``D = lam * lr * steps / (2 * (1 - mu))``
-    (the cosine averages to ``lr / 2``; momentum multiplies a constant gradient by
-    ``1 / (1 - mu)``). The rule asks ``D = safety * q`` with ``q`` the score at the
-    ``target_r`` quantile now (the largest score the final targets start from), so
-    ``lam = 2 * safety * q * (1 - mu) / (lr * steps)``. ``safety`` (default 2) covers the
+    Under PyTorch's SGD with momentum ``mu`` (``v = mu * v + g; p -= lr_t * v``) and a
+    per-step cosine schedule ``lr_t = lr * (1 + cos(pi * t / steps)) / 2``, a constant
+    subgradient ``lam`` moves a factor by ``D = lam * sum_t lr_t * (1 - mu**(t + 1)) / (1 - mu)``
+    (about ``lam * lr * steps / (2 * (1 - mu))`` for long schedules: the cosine averages to
+    ``lr / 2`` and momentum multiplies a constant gradient by ``1 / (1 - mu)`` once warmed
+    up). The rule asks ``D = safety * q`` with ``q`` the score at the ``target_r`` quantile
+    now (the largest score the final targets start from). ``safety`` covers the
     cross-entropy gradient that pushes back and the ramp of SP_r. The result is in the
     units of ``ranking`` (the Sparsifier multiplies it by each factor's norm scale).
     """
@@ -393,7 +394,10 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
     g = checked_gammas(fv).abs()
     scores = g / factor_scales(fv, ranking, g)
     q = float(torch.quantile(scores.double().cpu(), target_r))
-    return 2.0 * safety * q * (1.0 - momentum) / (lr * steps)
+    t = torch.arange(int(steps), dtype=torch.float64)
+    lr_t = lr * (1 + torch.cos(math.pi * t / int(steps))) / 2
+    per_lam = float((lr_t * (1 - momentum ** (t + 1)) / (1 - momentum)).sum())
+    return safety * q / per_lam
 
 
 __all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse", "lam_for_budget"]

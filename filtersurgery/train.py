@@ -153,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"subset: must be >= 1 images per part, got {self.subset}")
         if self.students not in (1, 2):
             raise ValueError(f"students: must be 1 or 2, got {self.students}")
+        if not self.dri and self.students == 2:
+            raise ValueError("students: dri=False makes the two AOD students identical copies that see the same "
+                             "views and never diverge; use students=1 with dri=False")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
         if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
@@ -338,7 +341,7 @@ def phase_flops(phase: Phase, fwd: int, n_images: int, students: int) -> int:
         "sst_msl": 3 * fwd + fwd,  # + teacher forward
         "aod": students * 2 * 3 * fwd,  # two views per student
         "dml": 2 * 3 * fwd,
-        "lwm": 3 * fwd + fwd + 2 * fwd,  # + teacher forward + Grad-CAM backward passes
+        "lwm": 3 * fwd + fwd,  # + teacher forward (Grad-CAM only back-propagates from the logits to the last block)
     }[phase.kind]
     once = 3 * fwd * n_images if phase.warm_start == "dash" else 0  # DASH: one gradient pass over the part
     return per_img * n_images * phase.epochs + once
@@ -465,8 +468,6 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     world = dist_info()[1]  # under torchrun each rank takes its share of every epoch (BatchLoader)
     loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev,
                          seed=phase_seed(run.seed, step, phase.name, "order:"), drop_last=len(y_tr) > cfg.batch_size * world)
-    gen = _seed_everything(phase_seed(run.seed, step, phase.name), dev)
-
     # ---- set up the trained model(s) and what the loss needs
     teacher = None
     students: List[nn.Module]
@@ -480,11 +481,12 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         students = [model]
     elif phase.kind == "aod":
         students = []
+        scales = _sst_scales(run, step)  # Dri ranks and maps back in the units SST used
         for i in range(cfg.students):
             s = copy.deepcopy(model)
             if cfg.dri:
-                g = torch.Generator(device="cpu").manual_seed(run.seed * 100 + step * 10 + i)
-                rescale(s, target_r=cfg.target_r, I=cfg.dri_I[i], generator=g, ranking=cfg.ranking)
+                g = torch.Generator(device="cpu").manual_seed(phase_seed(run.seed, step, f"dri{i}"))
+                rescale(s, target_r=cfg.target_r, I=cfg.dri_I[i], generator=g, ranking=cfg.ranking, scales=scales)
             students.append(s)
     elif phase.kind == "dml":
         students = [copy.deepcopy(model), copy.deepcopy(model)]
@@ -493,6 +495,8 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     else:  # pragma: no cover - plan_step only emits the kinds above
         raise ValueError(f"phase kind {phase.kind!r}")
 
+    # seeded after the set-up (new_model re-seeds the global RNG for its initialisation)
+    gen = _seed_everything(phase_seed(run.seed, step, phase.name), dev)
     if phase.kind in ("sst_msl", "lwm"):
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
@@ -613,9 +617,21 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
         vals = [run.acc(s, phase.parts) for s in students]
         out = students[max(range(len(students)), key=lambda i: vals[i])]
     if is_main_process():
+        if sp is not None:  # the norm scales of SST's start, for Dri (written before the phase counts as done)
+            checkpoint.save_state_dict({"scales": sp.scales.detach().cpu()}, _scales_path(run, step))
         checkpoint.save_state_dict(out.state_dict(), done_path)
     barrier()
     return out
+
+
+def _scales_path(run: Run, step: int) -> Path:
+    return run.work / f"step{step}_sst_scales.safetensors"
+
+
+def _sst_scales(run: Run, step: int) -> Optional[torch.Tensor]:
+    """The per-factor norm scales that this step's SST ranked with (None without an SST phase)."""
+    path = _scales_path(run, step)
+    return checkpoint.load_state_dict(path)["scales"] if path.exists() else None
 
 
 @torch.no_grad()
@@ -684,7 +700,9 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
             return F.cross_entropy(students[0](x).float(), yb)
         if phase.kind == "scratch2":
             return sum(F.cross_entropy(s(x).float(), yb) for s in students)
-        if phase.kind == "dml":  # each student sees its own augmentation draw (Zhang et al.)
+        if phase.kind == "dml":  # each student sees its own augmentation draw: two copies of one model on
+            # one batch never diverge (KL and its gradient exactly 0); the KL then compares the two
+            # students' predictions on two augmentations of the same images (docs/method.md §9)
             x2 = norm(augment.random_crop_flip(xb, generator=gen)).contiguous(memory_format=cl)
             a, b = students[0](x), students[1](x2)
             return losses.dml_loss(a, b, yb) + losses.dml_loss(b, a, yb)

@@ -126,7 +126,16 @@ def test_lam_for_budget_formula(trained_timm):
     score, _ = factor_scores(sm.factors, "per-norm")
     q = float(torch.quantile(score.double(), 0.3))
     lam = lam_for_budget(sm, 0.3, lr=0.1, steps=500, momentum=0.9, safety=2.0, ranking="per-norm")
-    assert lam == pytest.approx(2 * 2.0 * q * 0.1 / (0.1 * 500))
+    # a constant push lam through PyTorch's SGD (momentum 0.9) under a per-step cosine moves by 2 q
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=500)
+    for _ in range(500):
+        p.grad = torch.full_like(p, lam)
+        opt.step()
+        sched.step()
+    assert float(-p) == pytest.approx(2.0 * q, rel=1e-4)
+    assert lam == pytest.approx(2 * 2.0 * q * 0.1 / (0.1 * 500), rel=0.05)  # the long-schedule form
     with pytest.raises(ValueError, match="^lr: "):
         lam_for_budget(sm, 0.3, lr=0.0, steps=10)
 
@@ -247,3 +256,29 @@ def test_config_validates_new_options():
                      (dict(step1_epochs=0), "^step1_epochs: ")):
         with pytest.raises(ValueError, match=msg):
             replace(TrainConfig(), **bad).validate()
+
+
+def test_dri_after_sst_uses_the_scales_sst_ranked_with():
+    """A norm that SST drove towards 0 is useless as a whole and is re-drawn at its former
+    scale; without SST's scales its mean would shrink with it and hide it."""
+    from filtersurgery.models import build_model
+
+    torch.manual_seed(0)
+    m, _ = build_model("cifar:resnet8", num_classes=10, in_chans=1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+    sm = fs.trace(m)
+    sp = sparsify(sm, target_r=0.3, epochs=4, lam=1e-3, ranking="per-norm")
+    bn = m.layer1[0].bn2
+    former = float(bn.weight.abs().mean())
+    with torch.no_grad():
+        bn.weight.fill_(1e-3)  # what SST did to this norm
+    useless = sp.useless()
+    rep = fs.rescale(sm, 0.3, 0.1, generator=torch.Generator().manual_seed(0), ranking="per-norm", scales=sp.scales)
+    assert set(rep.factors.tolist()) == set(torch.nonzero(useless).flatten().tolist())
+    assert all(any(n == "layer1.0.bn2" and c == ch for n, c in rep.locations) for ch in range(bn.weight.numel()))
+    assert float(bn.weight.min()) > 0.3 * former  # revived at its former scale, not left near 0
+    with pytest.raises(ValueError, match="^scales: one per scaling factor"):
+        fs.rescale(sm, 0.3, 0.1, ranking="per-norm", scales=sp.scales[:3])
