@@ -51,6 +51,7 @@ VARIANTS = {
 MEDIUM = ["finetune(1e-3)", "finetune(1e-2)", "framework", "joint", "finetune(1e-2) equal FLOPs"]
 MEDIUM_SUBSET, MEDIUM_EPOCHS, MEDIUM_STEP1_EPOCHS = 9000, 4, 8
 ABLATIONS = {
+    "framework lr=1e-3": dict(method="framework", lr=1e-3),  # the paper's AOD learning rate
     "framework no-MSL": dict(method="framework", msl=False),
     "framework no-teacher-update": dict(method="framework", teacher_update=False),
     "framework 1 student": dict(method="framework", students=1),
@@ -66,6 +67,17 @@ ABLATIONS = {
     "framework lr=1e-2 MSL+CE": dict(method="framework", lr=1e-2, msl_ce=True),
     "framework lr=1e-2 sst_lr=1e-2": dict(method="framework", lr=1e-2, sst_lr=1e-2),
     "framework lr=1e-2 global ranking": dict(method="framework", lr=1e-2, ranking="global"),
+    # the paper's recipe as the library ran it before scale-aware ranking (global |gamma|, lam 1e-4,
+    # attention transfer on every block, AOD at lr 1e-3)
+    "framework paper recipe": dict(method="framework", ranking="global", lam=1e-4, at_min_size=1, lr=1e-3),
+    # warm-start baselines: the grid their defaults were chosen from (validation, seed 0)
+    "shrink-perturb(0.4,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.4, sp_noise=0.1),
+    "shrink-perturb(0.8,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.8, sp_noise=0.1),
+    "shrink-perturb(0.8,0.01)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.8, sp_noise=0.01),
+    "shrink-perturb(0.6,0.05)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.6, sp_noise=0.05),
+    "dash(0.1)": dict(method="dash", lr=1e-2, dash_lam=0.1),
+    "dash(0.3)": dict(method="dash", lr=1e-2, dash_lam=0.3),
+    "dash(0.5)": dict(method="dash", lr=1e-2, dash_lam=0.5),
 }
 
 

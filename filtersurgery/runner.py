@@ -62,8 +62,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
     p.add_argument("--subset", type=int, default=None, help="N training images per data part (quick runs)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate on new data: finetune, AOD, DML, LwM, sharing branches, class-finetune "
-                        f"(default 1e-3; step 1, joint and base networks train at {d.scratch_lr}); for "
+                   help=f"learning rate on new data: finetune, AOD, DML, LwM, shrink-perturb, dash (default 1e-2), "
+                        f"sharing branches, class-finetune (default 1e-3); step 1, joint and base networks train "
+                        f"at {d.scratch_lr}; for "
                         f"{', '.join(_LR_IS_TRAINING_LR)}: the training lr (default {d.scratch_lr})")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="images per batch (per process under torchrun) (default %(default)s)")
@@ -190,7 +191,8 @@ def lr_text(cfg: TrainConfig) -> str:
         return f"{cfg.scratch_lr:g} (from scratch every step)"
     first = "base network" if cfg.method in ("sharing", "class-finetune") else "step 1"
     sst = f", SST {cfg.sst_lr:g}" if cfg.method in ("framework", "bst") else ""
-    return f"new data {cfg.new_lr:g} (--lr), {first} {cfg.scratch_lr:g}{sst}"
+    new = cfg.new_lr if cfg.method in ("sharing", "class-finetune") else cfg.step_lr
+    return f"new data {new:g} (--lr), {first} {cfg.scratch_lr:g}{sst}"
 
 
 def _class_sets(cfg: TrainConfig, args: argparse.Namespace, data) -> Optional[List[List[int]]]:

@@ -290,3 +290,34 @@ def test_inspect_input_size_errors_name_the_flag(capsys):
     rc, _, err = cli(["inspect", "cifar:resnet20", "--input-size", "1", "32", "32"], capsys)
     assert rc == 2 and "error: input_size (--input-size): expected shape (N, 3, H, W)" in err
     assert "example_inputs" not in err
+
+
+def test_demo_trains_step1_once_prints_steps_as_they_finish_and_a_verdict(tmp_path, capsys):
+    from filtersurgery.cli import main as cli_main
+
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--steps", "3", "--subset", "64", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("filtersurgery demo: fine-tuning (lr 1e-2) vs the framework, model cifar:resnet8")
+    for line in ("  device ", "  data ", "  images   per part: 64 train", "  batches ", "  epochs ", "  output ",
+                 "  estimate about "):
+        assert line in text
+    assert text.count("step 1 (shared): test ") == 1
+    for name in ("finetune (lr 1e-2)", "framework"):
+        assert all(f"{name} step {k}: test " in text for k in (2, 3))
+    assert "At Data3 the framework is " in text and "training FLOPs" in text
+    scratch = [p for p in out.rglob("epochs.csv") if ",scratch," in p.read_text()]
+    assert [p.parent.parent.name for p in scratch] == ["step1"]  # step 1 trained once, then shared
+
+
+def test_demo_sentence_says_who_is_ahead(tmp_path):
+    from filtersurgery.runner import demo_sentence
+
+    def res(ft, fw):
+        return {"finetune (lr 1e-2)": [{"step": 4, "test_acc": ft}], "framework": [{"step": 4, "test_acc": fw}]}
+
+    flops = {"finetune (lr 1e-2)": 1.0, "framework": 5.0}
+    assert "framework is behind fine-tuning by 2.00 points" in demo_sentence(res(80.0, 78.0), flops, tmp_path)
+    assert "framework is ahead of fine-tuning by 1.50 points" in demo_sentence(res(80.0, 81.5), flops, tmp_path)
+    assert "level with" in demo_sentence(res(80.0, 80.0), flops, tmp_path)
+    assert "5.0x its training FLOPs" in demo_sentence(res(80.0, 80.0), flops, tmp_path)
