@@ -50,7 +50,7 @@ from .zoo import VerifyResult, verify
 from .ranking import FilterRanking, check_finite, rank_filters, remaining_mean, useless_mask
 from .reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
 from .reinit import RescaleReport, rescale
-from .sparsity import Sparsifier, SparsityConfig, sparsify
+from .sparsity import Sparsifier, SparsityConfig, lam_for_budget, sparsify
 
 # --- kernel reactivation as a training method and its baselines (docs/method.md §5, §9) ---
 from .filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy
@@ -86,7 +86,7 @@ __all__ = [
     "trace", "ScalingMap", "ConvEntry", "NormRef", "FactorView", "unwrap", "default_input_size",
     "verify", "VerifyResult", "build_model", "list_cnns", "unfreeze_norms", "freeze_norms", "check_trainable",
     # sparsity, ranking, re-initialization
-    "sparsify", "Sparsifier", "SparsityConfig", "rank_filters", "FilterRanking", "useless_mask",
+    "sparsify", "Sparsifier", "SparsityConfig", "lam_for_budget", "rank_filters", "FilterRanking", "useless_mask",
     "remaining_mean", "rescale", "RescaleReport", "check_finite",
     # kernel reactivation and baselines
     "reactivate_kernels", "ReactivationReport", "KernelReactivation", "ReactivationCallback",
