@@ -21,7 +21,7 @@ from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 
 # settings that must match for a re-run to resume into an existing --out
 _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
-             "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "at_min_size",
+             "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "lam_safety", "lam_safety_msl", "at_min_size",
              "step1_epochs", "image_size", "sp_shrink", "sp_noise", "dash_lam",
              "dash_alpha", "dash_granularity")
 # methods whose --lr is the lr of the whole (single) training, default TrainConfig.scratch_lr
@@ -79,7 +79,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=lam_arg, default=d.lam,
                    help="L1 strength of SST in ranking units, or 'auto': large enough to reach target_r zeros "
                         "in the SST schedule (default %(default)s)")
-    p.add_argument("--lam-safety", type=float, default=d.lam_safety, help="margin of --lam auto (default %(default)s)")
+    p.add_argument("--lam-safety", type=float, default=d.lam_safety,
+                   help="margin of --lam auto for SST with cross-entropy (default %(default)s)")
+    p.add_argument("--lam-safety-msl", type=float, default=d.lam_safety_msl,
+                   help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default %(default)s)")
     p.add_argument("--at-weight", type=float, default=d.at_weight, help="weight of the AT term of MSL (default %(default)s)")
     p.add_argument("--sp-shrink", type=float, default=d.sp_shrink,
                    help="shrink-perturb: weights are scaled by this (default %(default)s)")
@@ -116,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps=steps, method=args.method, epochs=args.epochs, step1_epochs=args.step1_epochs, batch_size=args.batch_size,
         lr=args.lr, subset=args.subset, image_size=getattr(args, "image_size", None), target_r=args.target_r,
         lam=args.lam, at_weight=args.at_weight, msl=args.msl,
-        ranking=args.ranking, lam_safety=args.lam_safety, at_min_size=args.at_min_size,
+        ranking=args.ranking, lam_safety=args.lam_safety, lam_safety_msl=args.lam_safety_msl, at_min_size=args.at_min_size,
         sp_shrink=args.sp_shrink, sp_noise=args.sp_noise, dash_lam=args.dash_lam, dash_alpha=args.dash_alpha,
         dash_granularity=args.dash_granularity,
         teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,

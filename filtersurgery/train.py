@@ -93,7 +93,8 @@ class TrainConfig:
     target_r: float = 0.3
     ranking: str = "per-norm"  # how factors of different norms compare: "global" (paper) | "per-norm"
     lam: Union[float, str] = "auto"  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
-    lam_safety: float = 3.0  # the "auto" rule's margin (chosen on the testbed's validation: docs/method.md)
+    lam_safety: float = 3.0  # the "auto" rule's margin for SST with CE (chosen on the testbed: docs/method.md)
+    lam_safety_msl: float = 6.0  # ... and for SST under MSL (the teacher's KL pulls back harder)
     e_cut_fraction: float = 1.0 / 3.0
     dri_I: Tuple[float, float] = (0.1, 0.2)
     alpha: float = 0.5
@@ -169,8 +170,10 @@ class TrainConfig:
             raise ValueError(f"dash_alpha: must be None or in (0, 1], got {self.dash_alpha}")
         if self.dash_granularity not in ("kernel", "filter"):
             raise ValueError(f"dash_granularity: must be kernel or filter, got {self.dash_granularity!r}")
-        if not (math.isfinite(self.lam_safety) and self.lam_safety > 0):
-            raise ValueError(f"lam_safety: must be a finite number > 0, got {self.lam_safety}")
+        for name in ("lam_safety", "lam_safety_msl"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {v}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking: must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if not (isinstance(self.at_min_size, int) and self.at_min_size >= 1):
@@ -517,7 +520,7 @@ def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     if phase.kind in ("sst", "sst_msl"):
         lam = cfg.lam if cfg.lam != "auto" else lam_for_budget(
             students[0], cfg.target_r, phase.lr, phase.epochs * max(1, steps_per_epoch), cfg.momentum,
-            cfg.lam_safety, cfg.ranking)
+            cfg.lam_safety_msl if phase.kind == "sst_msl" else cfg.lam_safety, cfg.ranking)
         sp = sparsify(students[0], target_r=cfg.target_r, epochs=phase.epochs, lam=lam, selective=phase.selective,
                       e_cut_fraction=cfg.e_cut_fraction, ranking=cfg.ranking)
     # distillation on the blocks whose maps carry spatial information (a 1x1 map has none)
