@@ -69,6 +69,9 @@ ABLATIONS = {
     "framework lr=1e-2 MSL+CE": dict(method="framework", lr=1e-2, msl_ce=True, lam_safety_msl=3.0),
     "framework lr=1e-2 sst_lr=1e-2": dict(method="framework", lr=1e-2, sst_lr=1e-2, lam_safety_msl=3.0),
     "framework lr=1e-2 global ranking": dict(method="framework", lr=1e-2, ranking="global", lam_safety_msl=3.0),
+    # AOD's loss alone (one student, no Dri, no SST): fine-tuning with two views + consistency
+    "framework lr=1e-2 AOD only": dict(method="framework", lr=1e-2, students=1, dri=False, sst=False,
+                                       lam_safety_msl=3.0),
     # the paper's recipe as the library ran it before scale-aware ranking (global |gamma|, lam 1e-4,
     # attention transfer on every block, AOD at lr 1e-3)
     "framework paper recipe": dict(method="framework", ranking="global", lam=1e-4, at_min_size=1, lr=1e-3),
