@@ -559,16 +559,10 @@ def format_table(rows: List[Dict]) -> str:
 def add_parsers(sub) -> None:
     """Register ``sweep-sharing`` (add this module to ``cli.COMMAND_MODULES``)."""
     d = TrainConfig()
-    from .runner import DATA_HELP, MODEL_HELP
+    from .runner import add_model_data_arguments
 
     p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
-    p.add_argument("--model", default=d.model, help=f"{MODEL_HELP} (default %(default)s)")
-    p.add_argument("--data", default=d.data, help=f"{DATA_HELP} (default %(default)s)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset files (docs/data.md: search order)")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
-    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
-                   help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
-                        "they all share one, else 224)")
+    add_model_data_arguments(p)
     p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
     p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
                    help="comma-separated shares to train (0 is always added; default %(default)s)")

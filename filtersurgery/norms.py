@@ -144,14 +144,8 @@ def unfreeze_norms(model: nn.Module) -> nn.Module:
     as they are, with a warning; a model without any frozen norm is returned unchanged,
     with a warning.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    out, n, skipped = _convert(model, _looks_frozen, _unfreeze_one, _frozen_skip)
-    _warn_skipped("unfreeze_norms", skipped)
-    if n == 0 and not skipped:
-        warnings.warn(f"unfreeze_norms: {type(unwrap(model)).__name__} has no frozen batch norm; nothing to unfreeze",
-                      stacklevel=2)
-    return out
+    return _convert_all("unfreeze_norms", model, _looks_frozen, _unfreeze_one, _frozen_skip,
+                        "has no frozen batch norm; nothing to unfreeze")
 
 
 def _bn_skip(m: nn.Module) -> str:
@@ -182,11 +176,16 @@ def freeze_norms(model: nn.Module) -> nn.Module:
     (``track_running_stats=False``) and other ``BatchNorm2d`` subclasses are left as they
     are, with a warning; so is a model without any BatchNorm2d.
     """
+    return _convert_all("freeze_norms", model, _is_any_bn2d, _freeze_one, _bn_skip,
+                        "has no BatchNorm2d; nothing to freeze")
+
+
+def _convert_all(op: str, model: nn.Module, select, convert, skip, nothing: str) -> nn.Module:
+    """Run :func:`_convert` for ``op``, warning about skipped norms and about a model with none to convert."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    out, n, skipped = _convert(model, _is_any_bn2d, _freeze_one, _bn_skip)
-    _warn_skipped("freeze_norms", skipped)
+    out, n, skipped = _convert(model, select, convert, skip)
+    _warn_skipped(op, skipped)
     if n == 0 and not skipped:
-        warnings.warn(f"freeze_norms: {type(unwrap(model)).__name__} has no BatchNorm2d; nothing to freeze",
-                      stacklevel=2)
+        warnings.warn(f"{op}: {type(unwrap(model)).__name__} {nothing}", stacklevel=3)
     return out

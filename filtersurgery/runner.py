@@ -41,8 +41,8 @@ def lam_arg(text: str):
         raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {text!r}") from None
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``filtersurgery run`` (docs/trainer.md), including those of single-run method modules."""
+def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model --data --data-root --download --image-size`` (``run`` and ``sweep-sharing``)."""
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help=f"{MODEL_HELP} (default %(default)s)")
     p.add_argument("--data", default=d.data, help=f"{DATA_HELP} (default %(default)s)")
@@ -51,6 +51,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
                    help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
                         "they all share one, else 224)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``filtersurgery run`` (docs/trainer.md), including those of single-run method modules."""
+    d = TrainConfig()
+    add_model_data_arguments(p)
     p.add_argument("--split", choices=["single", "multi"], default=d.split,
                    help="multi: --steps equal parts; single: 1:1, 2 steps (default %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="number of steps/data parts (default 4 multi, 2 single)")
