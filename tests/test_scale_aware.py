@@ -282,3 +282,59 @@ def test_dri_after_sst_uses_the_scales_sst_ranked_with():
     assert float(bn.weight.min()) > 0.3 * former  # revived at its former scale, not left near 0
     with pytest.raises(ValueError, match="^scales: one per scaling factor"):
         fs.rescale(sm, 0.3, 0.1, ranking="per-norm", scales=sp.scales[:3])
+
+
+def _grad_norm(term, params):
+    gs = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return sum(float(g.abs().sum()) for g in gs if g is not None)
+
+
+def test_every_loss_term_has_a_gradient_on_a_trained_timm_model(trained_timm):
+    """AOD (CE, JS to the peer, consistency), MSL (KL, AT on the spatial blocks) and LwM's
+    Grad-CAM term all move a student built from a trained timm model, on a realistic batch;
+    Dri's two students differ."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    s1, s2 = copy.deepcopy(trained_timm), copy.deepcopy(trained_timm)
+    fs.rescale(s1, 0.3, 0.1, generator=torch.Generator().manual_seed(0), ranking="per-norm")
+    fs.rescale(s2, 0.3, 0.2, generator=torch.Generator().manual_seed(1), ranking="per-norm")
+    diff = max(float((a - b).abs().max()) for a, b in zip(s1.parameters(), s2.parameters()))
+    assert diff > 1e-3  # the two students are different networks
+    xf, xc = augment.two_views((x * 40 + 128).clamp(0, 255).to(torch.uint8), generator=torch.Generator().manual_seed(2))
+    xf, xc = xf.float() / 255, xc.float() / 255
+    o1f, o1c, o2f, o2c = s1(xf), s1(xc), s2(xf), s2(xc)
+    _, _, parts = losses.aod_losses(o1f, o1c, o2f, o2c, y)
+    p1 = list(s1.parameters())
+    ce1 = F.cross_entropy(o1f, y)
+    kd1 = losses.js_div(o1f, o2f.detach())
+    cr1 = losses.consistency_loss(o1f, o1c)
+    for name, term in (("CE", ce1), ("JS to the peer", kd1), ("consistency", cr1)):
+        assert _grad_norm(term, p1) > 0, name
+    # MSL: a student one SGD step away from its teacher
+    teacher = copy.deepcopy(trained_timm).eval()
+    student = copy.deepcopy(trained_timm)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    F.cross_entropy(student(x), y).backward()
+    opt.step()
+    names = spatial_blocks(student, x[:2], 4)
+    with torch.no_grad(), fs.capture_blocks(teacher, names) as tf:
+        tl = teacher(x)
+        tfeat = [tf[n].float() for n in names]
+    with fs.capture_blocks(student, names) as sf:
+        sl = student(x)
+        sfeat = [sf[n].float() for n in names]
+        ps = list(student.parameters())
+        assert _grad_norm(losses.kl_div(tl, sl), ps) > 0
+        assert _grad_norm(losses.at_loss(tfeat, sfeat), ps) > 0
+    # LwM: Grad-CAM on the last block larger than 1x1 (layer3, 2x2 here)
+    last = spatial_blocks(student, x[:2], 2)[-1:]
+    with fs.capture_blocks(teacher, last) as tf:
+        tl = teacher(x.clone().requires_grad_(True))
+        tfeat = tf[last[0]]
+        with fs.capture_blocks(student, last) as sf:
+            sl = student(x)
+            full = losses.lwm_loss(sl, tl, y, sf[last[0]], tfeat, beta=0.0, gamma=1.0)
+            ce_only = F.cross_entropy(sl, y)
+            ad = full - ce_only
+            assert float(ad.detach()) > 0 and _grad_norm(ad, list(student.parameters())) > 0
