@@ -103,6 +103,30 @@ def summary_rows(rows, key: str):
             for k, v in sorted(rows.items())]
 
 
+def summary_table(results, val, cost, reference: str = "finetune(1e-2)") -> str:
+    """One row per method: what the ablations are read from (validation), then test and cost.
+
+    ``val steps 2..N``: validation accuracy averaged over steps 2..N and seeds (every choice is
+    made on this column); ``test DataN``: test accuracy after the last step, mean ± std over
+    seeds; ``FLOPs``: training FLOPs of steps 2..N over ``reference``'s; ``seconds``: wall time
+    of steps 2..N per seed (machine load differs between runs: FLOPs are the cost to compare).
+    """
+    ref = cost.get(reference)
+    ref_flops = sum(f for k, (_, f) in ref.items() if k >= 2) if ref else 0.0
+    lines = ["", f"Summary (validation decides; FLOPs relative to {reference}):", "",
+             "| method | seeds | val steps 2..N | test DataN | FLOPs | seconds |", "|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        last = rows[-1]
+        later = [r for r in val[name] if r["step"] >= 2]
+        v = statistics.fmean(r["test_acc_mean"] for r in later) if later else float("nan")
+        flops = sum(f for k, (_, f) in cost[name].items() if k >= 2)
+        secs = sum(t for k, (t, _) in cost[name].items() if k >= 2)
+        ratio = f"{flops / ref_flops:.1f}x" if ref_flops else "n/a"
+        lines.append(f"| {name} | {last['n']} | {v:.2f} | {last['test_acc_mean']:.2f} ± {last['test_acc_std']:.2f} "
+                     f"| {ratio} | {secs:.0f} |")
+    return "\n".join(lines)
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
@@ -258,6 +282,7 @@ def main(argv=None) -> int:
     for name, c in cost.items():
         cells = [f"{c[s][0]:.0f}s / {c[s][1] / 1e12:.2f}" if s in c else "" for s in steps_all]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print(summary_table(results, val, cost))
     if results:
         png = accuracy_per_step(results, out / "accuracy.png")
         (out / "table.md").write_text(markdown_table(results) + "\n")
