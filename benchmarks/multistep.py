@@ -72,6 +72,11 @@ ABLATIONS = {
     # AOD's loss alone (one student, no Dri, no SST): fine-tuning with two views + consistency
     "framework lr=1e-2 AOD only": dict(method="framework", lr=1e-2, students=1, dri=False, sst=False,
                                        lam_safety_msl=3.0),
+    # AOD only without the consistency term: cross-entropy on the mirrored view alone
+    "framework lr=1e-2 AOD only alpha=0": dict(method="framework", lr=1e-2, students=1, dri=False, sst=False,
+                                               alpha=0.0, lam_safety_msl=3.0),
+    # eq. (7)-(8) weight each student's CE by W_KD (~0.5): twice the lr gives two students the CE step of one
+    "framework lr=2e-2": dict(method="framework", lr=2e-2),
     # the paper's recipe as the library ran it before scale-aware ranking (global |gamma|, lam 1e-4,
     # attention transfer on every block, AOD at lr 1e-3)
     "framework paper recipe": dict(method="framework", ranking="global", lam=1e-4, at_min_size=1, lr=1e-3),
