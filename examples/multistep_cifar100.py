@@ -3,8 +3,8 @@
 CIFAR-100's training set is split 1:1:1:1 (docs/method.md §8); step 1 trains Data1 from scratch,
 steps 2-4 see only their own part. ``framework`` = SST (+ the multi-step loss from step
 3) -> Dri x2 -> AOD -> the better student on validation; ``finetune`` = cross-entropy on
-the new part at lr 1e-3. Model: the CIFAR ResNet-32 of the paper's Table 7
-(``cifar:resnet32``), batch 256, SGD 0.9 / wd 5e-4 / cosine (paper IV-B).
+the new part at lr 1e-2 (the library default; the paper: 1e-3). Model: the CIFAR
+ResNet-32 of the paper's Table 7 (``cifar:resnet32``), batch 256, SGD 0.9 / wd 5e-4 / cosine (paper IV-B).
 
 The data is not shipped: the script runs when ``DATA_ROOT/cifar-100-python`` exists
 (torchvision's layout) and otherwise exits with a one-line message saying how to get it.

@@ -3,7 +3,8 @@
 The training set is split into ``--steps`` equal, class-balanced parts (docs/method.md §8). Step 1
 trains Data1 from scratch; every later step sees only its own part:
 
-- ``finetune``: the previous model trained on the new part with cross-entropy (lr 1e-3);
+- ``finetune``: the previous model trained on the new part with cross-entropy (lr 1e-2, the
+  library default for every multi-step method's new-data phase);
 - ``framework``: SST (selective sparsity training; from step 3 with the multi-step loss,
   distilling from the previous model) -> two students by Dri (I = 0.1, 0.2) -> AOD on the
   new part -> the better student on the new part's validation split.
