@@ -42,7 +42,7 @@ def sp_ratio(epoch: int, target_r: float, e_cut: float) -> float:
 
 
 def e_cut_of(e_max: int, e_cut_fraction: float = 1.0 / 3.0) -> float:
-    """Eq. (3): ``E_cut = E_max / 3`` (``e_cut_fraction`` generalises the 1/3)."""
+    """Eq. (3): ``E_cut = E_max / 3`` (``e_cut_fraction`` generalises the 1/3; 0: no ramp)."""
     return e_max * e_cut_fraction
 
 
@@ -66,8 +66,8 @@ class SparsityConfig:
             raise ValueError(f"epochs: must be None or an integer >= 1, got {self.epochs!r}")
         if not (self.lam >= 0.0 and self.lam < float("inf")):
             raise ValueError(f"lam: must be a finite number >= 0, got {self.lam!r}")
-        if not 0.0 < self.e_cut_fraction <= 1.0:
-            raise ValueError(f"e_cut_fraction: must be in (0, 1], got {self.e_cut_fraction!r}")
+        if not 0.0 <= self.e_cut_fraction <= 1.0:
+            raise ValueError(f"e_cut_fraction: must be in [0, 1], got {self.e_cut_fraction!r}")
         if self.zero_tol is not None and not self.zero_tol >= 0.0:
             raise ValueError(f"zero_tol: must be None or >= 0, got {self.zero_tol!r}")
         return self
@@ -347,7 +347,8 @@ def sparsify(
             :func:`lam_for_budget` gives the lambda that can reach ``target_r`` zeros in a
             given schedule.
         selective: False gives BST (network slimming: SP_r = 1 throughout).
-        e_cut_fraction: E_cut / E_max (eq. 3: 1/3).
+        e_cut_fraction: E_cut / E_max (eq. 3: 1/3); 0 gives no ramp: SP_r = Target_r from the
+            first epoch, so only the final targets are ever pushed.
         zero_tol: score counted as converged for the early switch; default
             1e-2 * median score at the start.
         loader, optimizer, loss_fn, device: with a ``loader`` the SST training loop runs

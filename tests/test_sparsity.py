@@ -69,6 +69,17 @@ def test_sp_ratio_eq2_eq3():
     assert not sp.switched
 
 
+def test_e_cut_fraction_zero_means_no_ramp():
+    """E_cut = 0: SP_r = Target_r from the first epoch, so only the final targets are pushed."""
+    m, sm = toy()
+    sp = sparsify(sm, target_r=0.3, epochs=4, e_cut_fraction=0.0)
+    assert [sp.set_epoch(e) for e in range(4)] == [0.3] * 4
+    assert int(sp.targets.sum()) == math.floor(0.3 * 24 + 0.5)
+    assert torch.equal(sp.targets, sp.useless())
+    with pytest.raises(ValueError, match=r"e_cut_fraction: must be in \[0, 1\]"):
+        sparsify(sm, target_r=0.3, epochs=4, e_cut_fraction=-0.1)
+
+
 def test_schedule_without_epochs_and_with_total():
     m, sm = toy()
     sp = sparsify(sm, target_r=0.3)
