@@ -77,6 +77,10 @@ ABLATIONS = {
                                                alpha=0.0, lam_safety_msl=3.0),
     # eq. (7)-(8) weight each student's CE by W_KD (~0.5): twice the lr gives two students the CE step of one
     "framework lr=2e-2": dict(method="framework", lr=2e-2),
+    # AOD's B_F view mirrored with probability 1/2 instead of always (CE then also sees unmirrored images)
+    "framework flip=random": dict(method="framework", aod_flip="random"),
+    "framework lr=1e-2 AOD only flip=random": dict(method="framework", lr=1e-2, students=1, dri=False, sst=False,
+                                                   aod_flip="random", lam_safety_msl=3.0),
     # no SP_r ramp (E_cut = 0): only the Target_r smallest factors are pushed, from SST's first epoch
     "framework e_cut=0": dict(method="framework", e_cut_fraction=0.0),
     # the paper's recipe as the library ran it before scale-aware ranking (global |gamma|, lam 1e-4,

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 LUMA = (0.299, 0.587, 0.114)
 
 
+AOD_FLIPS = ("always", "random")  # how AOD's B_F view mirrors the crop (two_views)
+
+
 def _check_batch(x: torch.Tensor, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} must be a [B, C, H, W] tensor, got {tuple(getattr(x, 'shape', ()))}")
@@ -154,17 +157,27 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4
 
 
 def two_views(x: torch.Tensor, generator: Optional[torch.Generator] = None, padding: int = 4,
-              brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4
+              brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, flip: str = "always"
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """docs/method.md §3 (AOD, eqs. 5-8): two views of the *same* random crop of every sample.
 
-    ``B_F`` = the crop mirrored horizontally; ``B_C`` = the (unmirrored) crop with
-    :func:`color_jitter` (brightness/contrast/saturation; brightness/contrast only for
-    1-channel data). Returns ``(x_flip, x_color)``, each with ``x``'s shape and dtype.
+    ``B_F`` = the crop mirrored horizontally (``flip="always"``, the paper's "horizontal flip
+    version of the batch"), or mirrored with probability 1/2 per sample (``flip="random"``,
+    the usual flip augmentation: a model trained by CE on ``B_F`` then also sees the
+    unmirrored orientation); ``B_C`` = the (unmirrored) crop with :func:`color_jitter`
+    (brightness/contrast/saturation; brightness/contrast only for 1-channel data). Returns
+    ``(x_flip, x_color)``, each with ``x``'s shape and dtype.
     """
     _check_batch(x)
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding}")
+    if flip not in AOD_FLIPS:
+        raise ValueError(f"flip: must be one of {AOD_FLIPS}, got {flip!r}")
     top, left = crop_indices(x, padding, generator)
     c = crop(x, top, left, padding)
-    return c.flip(3), color_jitter(c, brightness, contrast, saturation, generator)
+    if flip == "always":
+        xf = c.flip(3)
+    else:
+        fl = _rand((x.shape[0],), x, generator) < 0.5
+        xf = torch.where(fl.view(-1, *([1] * (c.dim() - 1))), c.flip(3), c)
+    return xf, color_jitter(c, brightness, contrast, saturation, generator)

@@ -99,6 +99,7 @@ class TrainConfig:
     e_cut_fraction: float = 1.0 / 3.0
     dri_I: Tuple[float, float] = (0.1, 0.2)
     alpha: float = 0.5
+    aod_flip: str = "always"  # AOD's B_F view: "always" mirrored (paper) | "random" (p = 1/2 per image)
     kd_temperature: float = 1.0
     at_weight: float = 1e3
     at_min_size: int = 4  # AT only on blocks whose map is at least this many pixels on each side
@@ -175,6 +176,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {v}")
+        if self.aod_flip not in augment.AOD_FLIPS:
+            raise ValueError(f"aod_flip: must be one of {', '.join(augment.AOD_FLIPS)}, got {self.aod_flip!r}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking: must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if not (isinstance(self.at_min_size, int) and self.at_min_size >= 1):
@@ -696,7 +699,7 @@ def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_na
     norm = lambda x: augment.normalize(x, data.mean, data.std)  # noqa: E731
     cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
     if phase.kind == "aod":
-        xf, xc = augment.two_views(xb, generator=gen)
+        xf, xc = augment.two_views(xb, generator=gen, flip=cfg.aod_flip)
         xf, xc = norm(xf).contiguous(memory_format=cl), norm(xc).contiguous(memory_format=cl)
         with torch.autocast(**ac):
             if len(students) == 2:

@@ -160,6 +160,18 @@ def test_two_views_flip_equals_flipped_crop():
     assert torch.equal(xf, augment.crop(x, top, left, 4).flip(3))
 
 
+def test_two_views_random_flip_mirrors_about_half_and_keeps_the_colour_crop():
+    x = torch.randint(0, 256, (400, 1, 10, 10), dtype=torch.uint8)
+    xf, xc = augment.two_views(x, generator=torch.Generator().manual_seed(1), brightness=0, contrast=0,
+                               saturation=0, flip="random")
+    mirrored = (xf == xc.flip(3)).flatten(1).all(1)
+    same = (xf == xc).flatten(1).all(1)
+    assert bool((mirrored | same).all())  # every B_F is the colour view's crop, mirrored or not
+    assert 0.4 < float(mirrored.float().mean()) < 0.6
+    with pytest.raises(ValueError, match="flip: must be one of"):
+        augment.two_views(x, flip="sometimes")
+
+
 def test_color_jitter_ranges_and_grey():
     g = torch.Generator().manual_seed(2)
     x = torch.rand(6, 1, 8, 8)
