@@ -23,7 +23,7 @@ from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 _IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
              "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "lam_safety", "lam_safety_msl", "at_min_size",
              "step1_epochs", "image_size", "sp_shrink", "sp_noise", "dash_lam",
-             "dash_alpha", "dash_granularity", "aod_flip")
+             "dash_alpha", "dash_granularity", "aod_flip", "e_cut_fraction")
 # methods whose --lr is the lr of the whole (single) training, default TrainConfig.scratch_lr
 _LR_IS_TRAINING_LR = ("plain", "reactivation", "weight-evolution", "filter-grafting", "growth")
 MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNet, DEPTH = 6n+2, e.g. "
@@ -102,6 +102,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="dash: one shrink factor per kernel (the authors' code) or per filter (default %(default)s)")
     p.add_argument("--at-min-size", type=int, default=d.at_min_size,
                    help="attention transfer only on blocks whose map is at least this many pixels a side (default %(default)s)")
+    p.add_argument("--e-cut-fraction", type=float, default=d.e_cut_fraction,
+                   help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
+                        "final targets are pushed: much better on timm ResNets, see README)")
     p.add_argument("--aod-flip", choices=["always", "random"], default=d.aod_flip,
                    help="AOD's mirrored view B_F: every image mirrored (the paper) or each with probability 1/2 "
                         "(default %(default)s)")
@@ -130,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lam=args.lam, at_weight=args.at_weight, msl=args.msl,
         ranking=args.ranking, lam_safety=args.lam_safety, lam_safety_msl=args.lam_safety_msl, at_min_size=args.at_min_size,
         sp_shrink=args.sp_shrink, sp_noise=args.sp_noise, dash_lam=args.dash_lam, dash_alpha=args.dash_alpha,
-        dash_granularity=args.dash_granularity, aod_flip=args.aod_flip,
+        dash_granularity=args.dash_granularity, aod_flip=args.aod_flip, e_cut_fraction=args.e_cut_fraction,
         teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,
         channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress,
     )

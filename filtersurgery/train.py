@@ -176,6 +176,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {v}")
+        if not (isinstance(self.e_cut_fraction, (int, float)) and 0.0 <= self.e_cut_fraction <= 1.0):
+            raise ValueError(f"e_cut_fraction: must be in [0, 1], got {self.e_cut_fraction!r}")
         if self.aod_flip not in augment.AOD_FLIPS:
             raise ValueError(f"aod_flip: must be one of {', '.join(augment.AOD_FLIPS)}, got {self.aod_flip!r}")
         if self.ranking not in RANKINGS:

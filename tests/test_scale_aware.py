@@ -253,7 +253,8 @@ def test_decisions_are_evaluated_in_fp32(tmp_path, demo, monkeypatch):
 def test_config_validates_new_options():
     for bad, msg in ((dict(ranking="local"), "^ranking: "), (dict(lam="often"), "^lam: "),
                      (dict(at_min_size=0), "^at_min_size: "), (dict(lam_safety=0.0), "^lam_safety: "),
-                     (dict(step1_epochs=0), "^step1_epochs: "), (dict(aod_flip="never"), "^aod_flip: ")):
+                     (dict(step1_epochs=0), "^step1_epochs: "), (dict(aod_flip="never"), "^aod_flip: "),
+                     (dict(e_cut_fraction=1.5), "^e_cut_fraction: ")):
         with pytest.raises(ValueError, match=msg):
             replace(TrainConfig(), **bad).validate()
 
