@@ -175,9 +175,5 @@ def two_views(x: torch.Tensor, generator: Optional[torch.Generator] = None, padd
         raise ValueError(f"flip: must be one of {AOD_FLIPS}, got {flip!r}")
     top, left = crop_indices(x, padding, generator)
     c = crop(x, top, left, padding)
-    if flip == "always":
-        xf = c.flip(3)
-    else:
-        fl = _rand((x.shape[0],), x, generator) < 0.5
-        xf = torch.where(fl.view(-1, *([1] * (c.dim() - 1))), c.flip(3), c)
+    xf = c.flip(3) if flip == "always" else crop(x, top, left, padding, flip=_rand((x.shape[0],), x, generator) < 0.5)
     return xf, color_jitter(c, brightness, contrast, saturation, generator)

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import importlib
 import importlib.util
 
+from .augment import AOD_FLIPS
 from .train import METHODS, SINGLE_RUN_METHODS, TrainConfig
 
 # settings that must match for a re-run to resume into an existing --out
@@ -105,7 +106,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e-cut-fraction", type=float, default=d.e_cut_fraction,
                    help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
                         "final targets are pushed: much better on timm ResNets, see README)")
-    p.add_argument("--aod-flip", choices=["always", "random"], default=d.aod_flip,
+    p.add_argument("--aod-flip", choices=list(AOD_FLIPS), default=d.aod_flip,
                    help="AOD's mirrored view B_F: every image mirrored (the paper) or each with probability 1/2 "
                         "(default %(default)s)")
     p.add_argument("--no-msl", dest="msl", action="store_false", help="ablation: steps>=3 run SST with CE, no distillation")

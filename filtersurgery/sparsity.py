@@ -66,7 +66,7 @@ class SparsityConfig:
             raise ValueError(f"epochs: must be None or an integer >= 1, got {self.epochs!r}")
         if not (self.lam >= 0.0 and self.lam < float("inf")):
             raise ValueError(f"lam: must be a finite number >= 0, got {self.lam!r}")
-        if not 0.0 <= self.e_cut_fraction <= 1.0:
+        if not (isinstance(self.e_cut_fraction, (int, float)) and 0.0 <= self.e_cut_fraction <= 1.0):
             raise ValueError(f"e_cut_fraction: must be in [0, 1], got {self.e_cut_fraction!r}")
         if self.zero_tol is not None and not self.zero_tol >= 0.0:
             raise ValueError(f"zero_tol: must be None or >= 0, got {self.zero_tol!r}")

@@ -43,7 +43,7 @@ from .data import BatchLoader, ImageData, load_dataset, split_parts
 from .models import build_model
 from .reinit import rescale
 from .ranking import RANKINGS
-from .sparsity import lam_for_budget, sparsify
+from .sparsity import SparsityConfig, lam_for_budget, sparsify
 
 METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
 # single-run methods (one entry in metrics.json) and the module that implements each; such a
@@ -176,8 +176,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {v}")
-        if not (isinstance(self.e_cut_fraction, (int, float)) and 0.0 <= self.e_cut_fraction <= 1.0):
-            raise ValueError(f"e_cut_fraction: must be in [0, 1], got {self.e_cut_fraction!r}")
+        SparsityConfig(e_cut_fraction=self.e_cut_fraction).validate()  # SST's own check, before step 1 trains
         if self.aod_flip not in augment.AOD_FLIPS:
             raise ValueError(f"aod_flip: must be one of {', '.join(augment.AOD_FLIPS)}, got {self.aod_flip!r}")
         if self.ranking not in RANKINGS:
