@@ -6,24 +6,29 @@ it exists, and nothing new starts past ``--deadline`` seconds from the start:
 
   1. multi-step comparison at full size, timm resnet18 ``in_chans=1``, Fashion-MNIST
      1:1:1:1 (13.5k training images per part), 30 epochs per phase, batch 256, seeds 0-2:
-     framework (the library's defaults), finetune(1e-2), shrink-perturb, dash.  ~300 s
-  2. the same four methods for the CPU testbed's model (cifar:resnet8) at full size. ~100 s
-  extras (only while GPU slots are free, stopped at deadline - reserve): finetune(1e-3)
+     framework (the library's defaults), finetune(1e-2), shrink-perturb, dash.  ~420 s
+  2. the same four methods for the CPU testbed's model (cifar:resnet8) at full size, after
+     item 1.                                                          whatever is left
+  extras (after item 1, while slots are free, stopped at deadline - reserve): finetune(1e-3)
      and joint (both measured at full size before: see the results folder), and
      fine-tuning 1e-2 given the framework's training FLOPs.           whatever is left
 
-Budgets are from the first run on one H100 (benchmarks/device/results/2026-11-26-h100):
-with 12 processes sharing the GPU, one resnet18 fine-tuning step (1590 batches of 256)
-took ~45 s, one framework step (SST + two-student AOD) ~200 s, step 1 ~40 s; cifar:resnet8
-about a third of that. All twelve item-1/2 runs of that check plus the equal-FLOPs control
-did not fit in 8.5 minutes, so the methods measured there (finetune 1e-3, joint) are extras.
+Budgets, measured on one H100 (benchmarks/device/results/2026-11-26-h100*): step 1 (30
+epochs of 13.5k images) ~35-40 s per process; one resnet18 fine-tuning step ~45 s with 12-15
+processes sharing the GPU; one framework step (SST + two-student AOD, 5x the FLOPs) ~220 s
+with 15 processes, ~124 s with 6, 77-89 s with 3. These small models are launch-bound, so
+the processes time-share the GPU, and every extra process slows the framework's runs. Hence
+strict priority: no job of item 2 or of the extras starts while any job of item 1 is waiting
+or running. Item 1 alone is estimated at ~420 s (its three framework runs finish last, alone
+on the GPU); the two runs that measured these budgets had item 2 or extras running beside it
+and were cut before the framework's Data4.
   3. ``sp.step()`` overhead (resnet18/50, mobilenetv2_100, efficientnet_b0; batch 256,
      64x64, bf16, interleaved rounds, medians, beside torch-pruning's regularizer). ~40 s
   4. trainer cost ratios (two-student AOD / one student; trainer epoch / plain loop). ~30 s
 
 Items 1 and 2 run as parallel processes on the one GPU (``--jobs``; small models leave it
 idle), each (seed, method) its own ``benchmarks/multistep.py`` process; step 1 is trained
-once per seed and model and shared. Item 1's jobs come first in the queue. At
+once per seed and model and shared. Item 2 and the extras start only after item 1 is done. At
 ``deadline - reserve`` the jobs of item 2 and the extras are stopped (their finished
 steps are kept) so that items 3 and 4 get an idle GPU; item 1's jobs may run until the
 deadline, in which case items 3 and 4 are skipped (strict priority). Every training job
@@ -106,7 +111,8 @@ class Check:
     # ------------------------------------------------------------ environment
     def environment(self) -> None:
         code = ("import json, sys, platform, torch, torchvision, timm\n"
-                "try:\n import torch_pruning as tp; tpv = tp.__version__\n"
+                "import importlib.metadata as md\n"
+                "try:\n import torch_pruning; tpv = md.version('torch-pruning')\n"
                 "except Exception as e:\n tpv = 'MISSING: %s' % e\n"
                 "cuda = torch.cuda.is_available()\n"
                 "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__,"
@@ -150,11 +156,11 @@ class Check:
             for s in a.seeds:
                 jobs.append(Job(f"item{item}/step1/seed{s}", item,
                                 py + ["--model", model, "--out", str(out), "--seeds", str(s), "--step1-only"] + common))
-        queue = [(item, m) for item in models for m in METHODS] + [(item, m) for m in a.extras for item in models]
+        queue = [(item, m) for item in models for m in a.methods] + [(item, m) for m in a.extras for item in models]
         for item, m in queue:
             out = self.work / f"item{item}"
             for s in a.seeds:
-                jobs.append(Job(f"item{item}/{m}/seed{s}", item if m in METHODS else "extra",
+                jobs.append(Job(f"item{item}/{m}/seed{s}", item if m in a.methods else "extra",
                                 py + ["--model", models[item], "--out", str(out), "--seeds", str(s), "--methods", m] + common,
                                 after=f"item{item}/step1/seed{s}", meta={"model": models[item], "method": m, "seed": s,
                                                                           "dir": str(out / _slug(m) / f"seed{s}")}))
@@ -213,6 +219,8 @@ class Check:
             for j in list(pending):
                 if len(running) >= a.jobs:
                     break
+                if j.item != "1" and any(q.item == "1" for q in pending + running):
+                    continue  # strict priority: nothing slows item 1's framework runs while they last
                 dep = by.get(j.after) if j.after else None
                 if dep is not None and dep.rc is None:
                     continue  # step 1 of this seed not finished yet
@@ -390,6 +398,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (dry: 0)")
     p.add_argument("--testbed-model", default="cifar:resnet8", help="item 2's model (default %(default)s)")
     p.add_argument("--items", default="1234", help="which items to run (default all: 1234)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="items 1 and 2's methods, run first (default %(default)s)")
     p.add_argument("--extras", nargs="*", default=None,
                    help=f"extra variants run while slots are free (default {EXTRAS}; dry: none)")
     a = p.parse_args(argv)
