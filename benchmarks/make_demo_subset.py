@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from filtersurgery.data import _balanced_subset, load_fashion_mnist
+from filtersurgery.data.datasets import _balanced_subset, load_fashion_mnist
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "filtersurgery", "_datafiles", "fashion_mnist_subset.npz")
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from filtersurgery.data import load_dataset
-from filtersurgery.report import accuracy_per_step, markdown_table
-from filtersurgery.train import TrainConfig, multi_step, phase_flops, plan_step
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.report.figures import accuracy_per_step, markdown_table
+from filtersurgery.engine.trainer import TrainConfig, multi_step, phase_flops, plan_step
 
 # name -> TrainConfig overrides (epochs multiplier via "_x")
 VARIANTS = {

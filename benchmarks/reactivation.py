@@ -1,7 +1,7 @@
 """Kernel reactivation vs plain training, Weight Evolution and Filter Grafting (docs/method.md §5).
 
 Fashion-MNIST, methods ``plain``, ``reactivation``, ``weight-evolution``,
-``filter-grafting`` (``filtersurgery.method_reactivation``), 3 seeds, test accuracy
+``filter-grafting`` (``filtersurgery.methods.reactivation``), 3 seeds, test accuracy
 mean ± std per method (and the paired difference to ``plain``: every method of a seed
 starts from the same weights and sees the same batches), and peak memory per method
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak RSS of the worker process while
@@ -83,9 +83,9 @@ def run_dir(args, model: str, method: str, seed: int) -> Path:
 def worker(spec: Dict) -> None:
     import torch
 
-    from filtersurgery.data import load_dataset
-    from filtersurgery.method_reactivation import run_method
-    from filtersurgery.train import TrainConfig
+    from filtersurgery.data.datasets import load_dataset
+    from filtersurgery.methods.reactivation import run_method
+    from filtersurgery.engine.trainer import TrainConfig
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from filtersurgery.data import load_dataset
-from filtersurgery.method_sharing import (DEFAULT_SHARES, class_sets_from, format_table, run_class_finetune,
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.methods.sharing import (DEFAULT_SHARES, class_sets_from, format_table, run_class_finetune,
                                           run_sharing, sweep_sharing)
-from filtersurgery.train import TrainConfig
+from filtersurgery.engine.trainer import TrainConfig
 
 CPU_SMALL = dict(model="cifar:resnet20", epochs=4, subset=1500, test_subset=2000, batch_size=128, device="cpu",
                  seeds=[0], threads=1)

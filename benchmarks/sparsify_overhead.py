@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from filtersurgery.sparsity import sparsify
-from filtersurgery.tracer import trace
+from filtersurgery.ops.sparsity import sparsify
+from filtersurgery.tracing.tracer import trace
 
 MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0"]
 VARIANTS = ["plain", "sst", "tp"]

@@ -31,11 +31,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from filtersurgery.data import load_dataset, split_parts
-from filtersurgery.plots import gamma_histogram
-from filtersurgery.ranking import remaining_mean
-from filtersurgery.sparsity import sparsify
-from filtersurgery.tracer import trace
+from filtersurgery.data.datasets import load_dataset, split_parts
+from filtersurgery.report.plots import gamma_histogram
+from filtersurgery.ops.ranking import remaining_mean
+from filtersurgery.ops.sparsity import sparsify
+from filtersurgery.tracing.tracer import trace
 
 PAPER_L1_PULL = 1e-4 * 300 * 196  # lambda x steps of network slimming's CIFAR-100 schedule
 

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from filtersurgery.models import build_model
-from filtersurgery.scaling_map import format_coverage
-from filtersurgery.tracer import default_input_size, trace
+from filtersurgery.models.factory import build_model
+from filtersurgery.tracing.scaling_map import format_coverage
+from filtersurgery.tracing.tracer import default_input_size, trace
 
 ISSUE_MODELS = [
     "timm:resnet18", "timm:resnet50", "timm:resnext50_32x4d", "timm:wide_resnet50_2", "timm:mobilenetv2_100",

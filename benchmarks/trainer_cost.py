@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from filtersurgery import augment
-from filtersurgery.data import BatchLoader, load_dataset
-from filtersurgery.train import Phase, Run, TrainConfig, run_phase
+from filtersurgery.data import augment
+from filtersurgery.data.datasets import BatchLoader, load_dataset
+from filtersurgery.engine.trainer import Phase, Run, TrainConfig, run_phase
 
 
 def _sync(dev: torch.device) -> None:

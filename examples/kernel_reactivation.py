@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import filtersurgery
-from filtersurgery.augment import normalize, random_crop_flip
-from filtersurgery.data import BatchLoader, load_dataset
+from filtersurgery.data.augment import normalize, random_crop_flip
+from filtersurgery.data.datasets import BatchLoader, load_dataset
 
 
 def get_args():

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from filtersurgery.data import load_dataset
-from filtersurgery.report import accuracy_per_step, markdown_table
-from filtersurgery.runner import check_out_dir
-from filtersurgery.train import TrainConfig, multi_step
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.report.figures import accuracy_per_step, markdown_table
+from filtersurgery.cli.run import check_out_dir
+from filtersurgery.engine.trainer import TrainConfig, multi_step
 
 
 def get_args():

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import filtersurgery
-from filtersurgery.augment import normalize, random_crop_flip
-from filtersurgery.data import BatchLoader, load_dataset
+from filtersurgery.data.augment import normalize, random_crop_flip
+from filtersurgery.data.datasets import BatchLoader, load_dataset
 
 CLASS_SETS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 

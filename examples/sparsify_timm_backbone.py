@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import filtersurgery
-from filtersurgery.data import load_dataset
+from filtersurgery.data.datasets import load_dataset
 
 
 def get_args():
@@ -145,7 +145,7 @@ def main():
     print(f"test accuracy: plain {acc_pre:.2f}%  after SST {acc_sst:.2f}%  after Dri {acc_dri:.2f}% "
           f"(Dri disturbs the old data's features; training on new data follows)")
 
-    from filtersurgery.plots import gamma_histogram
+    from filtersurgery.report.plots import gamma_histogram
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gamma_hist.png")

@@ -36,49 +36,53 @@ Data and training (docs/method.md §8)
     load_dataset(name) -> ImageData, split_parts
     TrainConfig, train.multi_step(cfg, out_dir, seed), train.single_step(...)
 """
-from .scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, check_trainable, unwrap
+from filtersurgery.tracing.scaling_map import ConvEntry, FactorView, NormRef, ScalingMap, check_trainable, unwrap
 
 __version__ = "0.1.0"
 
-# --- tracer (tracer.py) ---
-from .models import build_model, list_cnns
-from .tracer import default_input_size, trace
-from .norms import freeze_norms, unfreeze_norms
-from .zoo import VerifyResult, verify
+from . import _compat
 
-# --- operations (sparsity.py, ranking.py, reinit.py, reactivation.py) ---
-from .ranking import FilterRanking, check_finite, rank_filters, remaining_mean, useless_mask
-from .reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
-from .reinit import RescaleReport, rescale
-from .sparsity import Sparsifier, SparsityConfig, lam_for_budget, sparsify
+_compat.install()  # the old flat module paths keep importing (filtersurgery/_compat.py)
 
-# --- kernel reactivation as a training method and its baselines (docs/method.md §5, §9) ---
-from .filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy
-from .method_reactivation import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
-from .weight_evolution import EvolutionReport, evolve_weights
+# --- tracing/ and models/ ---
+from filtersurgery.models.factory import build_model, list_cnns
+from filtersurgery.tracing.tracer import default_input_size, trace
+from filtersurgery.tracing.norms import freeze_norms, unfreeze_norms
+from filtersurgery.tracing.verify import VerifyResult, verify
 
-# --- incremental growth with look-ahead (growth.py, docs/method.md §7) ---
-from .growth import (GrownNet, LinearHead, Partition, frozen_stages, grow, partition, should_grow, stop_epoch,
+# --- ops/: ranking, sparsity, reinit, reactivation ---
+from filtersurgery.ops.ranking import FilterRanking, check_finite, rank_filters, remaining_mean, useless_mask
+from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
+from filtersurgery.ops.reinit import RescaleReport, rescale
+from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget, sparsify
+
+# --- kernel reactivation and its baselines: ops/ and the methods/reactivation callbacks (docs/method.md §5, §9) ---
+from filtersurgery.ops.filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy
+from filtersurgery.methods.reactivation import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
+from filtersurgery.ops.weight_evolution import EvolutionReport, evolve_weights
+
+# --- incremental growth with look-ahead (ops/growth.py, docs/method.md §7) ---
+from filtersurgery.ops.growth import (GrownNet, LinearHead, Partition, frozen_stages, grow, partition, should_grow, stop_epoch,
                      train_flops_per_image, window_angle, window_angles)
 
-# --- partial network sharing (sharing.py, docs/method.md §6) ---
-from .sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
+# --- partial network sharing (ops/sharing.py, docs/method.md §6) ---
+from filtersurgery.ops.sharing import (BranchedNet, SharePlan, TrainingCost, branch_state_dict, is_pinned, load_branch,
                       max_prob_combine, plan_share, share, share_plan, training_cost)
 
-# --- warm-start operations (warmstart.py) ---
-from .warmstart import DashReport, ShrinkPerturbReport, dash, shrink_perturb
+# --- warm-start operations (ops/warmstart.py) ---
+from filtersurgery.ops.warmstart import DashReport, ShrinkPerturbReport, dash, shrink_perturb
 
-# --- distillation (blockfeats.py, losses.py) ---
-from . import losses
-from .blockfeats import blocks, capture_blocks
-from .losses import attention_map
+# --- distillation (distill/) ---
+from filtersurgery.distill import losses
+from filtersurgery.distill.blockfeats import blocks, capture_blocks
+from filtersurgery.distill.losses import attention_map
 
-# --- data, checkpoints (data.py, augment.py, checkpoint.py) ---
-from .data import ImageData, load_dataset, split_parts
+# --- data (data/) ---
+from filtersurgery.data.datasets import ImageData, load_dataset, split_parts
 
-# --- trainer (train.py) ---
-from . import train
-from .train import TrainConfig
+# --- the trainer (engine/trainer.py, public as filtersurgery.train) ---
+from filtersurgery.engine import trainer as train
+from filtersurgery.engine.trainer import TrainConfig
 
 __all__ = [
     "__version__",

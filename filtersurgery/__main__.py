@@ -1,6 +1,6 @@
 """``python -m filtersurgery`` (also under ``torchrun``)."""
 import sys
 
-from .cli import main
+from filtersurgery.cli.main import main
 
 sys.exit(main())

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 import filtersurgery as fs
-from filtersurgery import checkpoint, losses, train
-from filtersurgery.cifar_resnet import cifar_resnet
-from filtersurgery.cli import build_parser, main
-from filtersurgery.data import BatchLoader, ImageData, check_classes, load_dataset, split_parts
-from filtersurgery.models import build_model
-from filtersurgery.runner import config_from_args
+from filtersurgery import train
+from filtersurgery.engine import checkpoint
+from filtersurgery.distill import losses
+from filtersurgery.models.cifar_resnet import cifar_resnet
+from filtersurgery.cli.main import build_parser, main
+from filtersurgery.data.datasets import BatchLoader, ImageData, check_classes, load_dataset, split_parts
+from filtersurgery.models.factory import build_model
+from filtersurgery.cli.run import config_from_args
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from filtersurgery import losses as L
-from filtersurgery.blockfeats import blocks, capture_blocks
+from filtersurgery.distill.blockfeats import blocks, capture_blocks
 
 TIMM = [
     "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenetv2_100",

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from filtersurgery import augment, data
-from filtersurgery.data import BatchLoader, ImageData, LazyImages, load_dataset, split_parts
+from filtersurgery.data import augment
+
+from filtersurgery.data import datasets as data
+from filtersurgery.data.datasets import BatchLoader, ImageData, LazyImages, load_dataset, split_parts
 
 HAVE_FMNIST = os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz"))
 

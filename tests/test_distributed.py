@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from filtersurgery import checkpoint, train
-from filtersurgery.data import load_demo
+from filtersurgery import train
+
+from filtersurgery.engine import checkpoint
+from filtersurgery.data.datasets import load_demo
 
 TINY = dict(model="cifar:resnet20", data="demo", steps=2, epochs=1, subset=64, batch_size=16, max_batches=2,
             device="cpu", progress=False)

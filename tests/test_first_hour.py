@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import filtersurgery as fs
-from filtersurgery import console, data, train
-from filtersurgery.cifar_resnet import cifar_resnet
-from filtersurgery.cli import build_parser, main
-from filtersurgery.models import build_model
+from filtersurgery import train
+from filtersurgery.cli import console
+from filtersurgery.data import datasets as data
+from filtersurgery.models.cifar_resnet import cifar_resnet
+from filtersurgery.cli.main import build_parser, main
+from filtersurgery.models.factory import build_model
 
 torch.set_num_threads(1)
 
@@ -228,8 +230,8 @@ def _reports():
     sm = fs.trace(m)
     x = torch.randn(2, 3, 8, 8)
     br = fs.share(m, 0.5, num_classes=3, example_inputs=x[:1])
-    from filtersurgery.sharing import share_plan, training_cost
-    from filtersurgery.zoo import verify
+    from filtersurgery.ops.sharing import share_plan, training_cost
+    from filtersurgery.tracing.verify import verify
 
     return {
         "RescaleReport": fs.rescale(m, generator=torch.Generator().manual_seed(0)),
@@ -272,7 +274,7 @@ def test_run_help_names_cifar_models_and_true_lr_defaults():
     helps = {a.dest: a.help for a in p._actions}
     assert "cifar:resnetDEPTH" in helps["model"]
     assert "default 1e-3" in helps["lr"] and "plain" in helps["lr"] and "training lr (default 0.1)" in helps["lr"]
-    from filtersurgery.method_reactivation import method_phase, ReactivationMethodConfig
+    from filtersurgery.methods.reactivation import method_phase, ReactivationMethodConfig
 
     assert method_phase(train.TrainConfig(method="plain"), ReactivationMethodConfig()).lr == 0.1
     assert train.TrainConfig().new_lr == 1e-3
@@ -293,7 +295,7 @@ def test_inspect_input_size_errors_name_the_flag(capsys):
 
 
 def test_demo_trains_step1_once_prints_steps_as_they_finish_and_a_verdict(tmp_path, capsys):
-    from filtersurgery.cli import main as cli_main
+    from filtersurgery.cli.main import main as cli_main
 
     out = tmp_path / "demo"
     assert cli_main(["demo", "--steps", "3", "--subset", "64", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
@@ -311,7 +313,7 @@ def test_demo_trains_step1_once_prints_steps_as_they_finish_and_a_verdict(tmp_pa
 
 
 def test_demo_sentence_says_who_is_ahead(tmp_path):
-    from filtersurgery.runner import demo_sentence
+    from filtersurgery.cli.run import demo_sentence
 
     def res(ft, fw):
         return {"finetune (lr 1e-2)": [{"step": 4, "test_acc": ft}], "framework": [{"step": 4, "test_acc": fw}]}

@@ -11,8 +11,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 import filtersurgery as fs
-from filtersurgery.norms import freeze_norms, unfreeze_norms
-from filtersurgery.scaling_map import check_trainable
+from filtersurgery.tracing.norms import freeze_norms, unfreeze_norms
+from filtersurgery.tracing.scaling_map import check_trainable
 
 
 def train_a_bit(model, steps=3, size=32, classes=10, seed=0):
@@ -240,7 +240,7 @@ def test_degenerate_inputs_warn_or_raise():
 
 
 def test_inspect_table_and_json_mark_frozen_refs():
-    from filtersurgery.zoo import _inspect_json, _table
+    from filtersurgery.cli.zoo import _inspect_json, _table
 
     m = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
     sm = fs.trace(m)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from filtersurgery import checkpoint
-from filtersurgery.cli import main as cli_main
-from filtersurgery.data import load_dataset
-from filtersurgery.growth import (LinearHead, frozen_stages, grow, partition, should_grow, stop_epoch,
+from filtersurgery.engine import checkpoint
+from filtersurgery.cli.main import main as cli_main
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.ops.growth import (LinearHead, frozen_stages, grow, partition, should_grow, stop_epoch,
                                   train_flops_per_image, window_angle, window_angles)
-from filtersurgery.method_growth import GrowthConfig, plan, run_growth
-from filtersurgery.models import build_model
-from filtersurgery.train import TrainConfig
+from filtersurgery.methods.growth import GrowthConfig, plan, run_growth
+from filtersurgery.models.factory import build_model
+from filtersurgery.engine.trainer import TrainConfig
 
 X28 = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
@@ -173,7 +173,7 @@ def demo():
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, demo, monkeypatch):
-    import filtersurgery.method_growth as mg
+    import filtersurgery.methods.growth as mg
 
     cfg, gcfg = TrainConfig(**TINY), GrowthConfig(window=2, gamma=0.5, lookahead_epochs=1)
     ref = run_growth(cfg, gcfg, tmp_path / "ref", seed=0, data=demo)

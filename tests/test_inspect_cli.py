@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from filtersurgery.cli import main
-from filtersurgery.models import build_model, list_cnns
+from filtersurgery.cli.main import main
+from filtersurgery.models.factory import build_model, list_cnns
 
 
 def run(capsys, *argv):

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from filtersurgery import checkpoint
-from filtersurgery.cifar_resnet import cifar_resnet
-from filtersurgery.cli import main as cli_main
-from filtersurgery.filter_grafting import graft, graft_coefficient, layer_entropy, paired_layers
-from filtersurgery.method_reactivation import (GraftingCallback, ReactivationCallback, ReactivationMethodConfig,
+from filtersurgery.engine import checkpoint
+from filtersurgery.models.cifar_resnet import cifar_resnet
+from filtersurgery.cli.main import main as cli_main
+from filtersurgery.ops.filter_grafting import graft, graft_coefficient, layer_entropy, paired_layers
+from filtersurgery.methods.reactivation import (GraftingCallback, ReactivationCallback, ReactivationMethodConfig,
                                                WeightEvolutionCallback)
-from filtersurgery.reactivation import reactivate_kernels
-from filtersurgery.weight_evolution import evolve_weights
+from filtersurgery.ops.reactivation import reactivate_kernels
+from filtersurgery.ops.weight_evolution import evolve_weights
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from filtersurgery.reactivation import KernelReactivation, reactivate_kernels
+from filtersurgery.ops.reactivation import KernelReactivation, reactivate_kernels
 
 # kernel scales s[c, i]: every weight of kernel (c, i) is +-s, so mean|w[c]| = mean_i s and L1 = 9 s
 A = [[0.01, 0.02, 0.03, 0.10],  # mean .04  C1, C2 -> invalid

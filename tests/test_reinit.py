@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from filtersurgery.ranking import rank_filters
-from filtersurgery.reinit import allowed_range, rescale
-from filtersurgery.scaling_map import ConvEntry, NormRef, ScalingMap
+from filtersurgery.ops.ranking import rank_filters
+from filtersurgery.ops.reinit import allowed_range, rescale
+from filtersurgery.tracing.scaling_map import ConvEntry, NormRef, ScalingMap
 
 
 def net(n_norms=4, width=25, seed=0):

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import filtersurgery as fs
 from filtersurgery import train
-from filtersurgery.cifar_resnet import cifar_resnet
-from filtersurgery.data import load_dataset
-from filtersurgery.ranking import check_finite, factor_view, useless_mask
+from filtersurgery.models.cifar_resnet import cifar_resnet
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.ops.ranking import check_finite, factor_view, useless_mask
 
 torch.set_num_threads(1)
 

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import filtersurgery as fs
-from filtersurgery import augment, losses, train
-from filtersurgery.blockfeats import block_sizes, spatial_blocks
-from filtersurgery.data import load_dataset
-from filtersurgery.ranking import factor_scores, rank_filters, useless_mask
-from filtersurgery.sparsity import lam_for_budget, sparsify
-from filtersurgery.train import Phase, Run, TrainConfig, phase_seed, run_phase
+from filtersurgery import train
+from filtersurgery.data import augment
+from filtersurgery.distill import losses
+from filtersurgery.distill.blockfeats import block_sizes, spatial_blocks
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.ops.ranking import factor_scores, rank_filters, useless_mask
+from filtersurgery.ops.sparsity import lam_for_budget, sparsify
+from filtersurgery.engine.trainer import Phase, Run, TrainConfig, phase_seed, run_phase
 
 
 def _train(model, steps=25, size=28, lr=0.05, seed=0):
@@ -262,7 +264,7 @@ def test_config_validates_new_options():
 def test_dri_after_sst_uses_the_scales_sst_ranked_with():
     """A norm that SST drove towards 0 is useless as a whole and is re-drawn at its former
     scale; without SST's scales its mean would shrink with it and hide it."""
-    from filtersurgery.models import build_model
+    from filtersurgery.models.factory import build_model
 
     torch.manual_seed(0)
     m, _ = build_model("cifar:resnet8", num_classes=10, in_chans=1)

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from filtersurgery import checkpoint
-from filtersurgery.cifar_resnet import cifar_resnet
-from filtersurgery.data import load_dataset
-from filtersurgery.method_sharing import add_parsers, choose, class_sets_from, class_subset
-from filtersurgery.sharing import (BranchedNet, branch_state_dict, is_pinned, load_branch, max_prob_combine,
+from filtersurgery.engine import checkpoint
+from filtersurgery.models.cifar_resnet import cifar_resnet
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.methods.sharing import add_parsers, choose, class_sets_from, class_subset
+from filtersurgery.ops.sharing import (BranchedNet, branch_state_dict, is_pinned, load_branch, max_prob_combine,
                                    plan_share, share, share_plan, training_cost)
-from filtersurgery.train import evaluate
+from filtersurgery.engine.trainer import evaluate
 
 X = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -239,7 +239,7 @@ def test_training_cost_counts_frozen_layers_without_weight_gradients():
 def test_training_cost_of_a_model_whose_last_map_is_1x1():
     """The output width is read in eval mode: a train-mode BatchNorm on a 1x1 map of one
     image raised "Expected more than 1 value per channel when training"."""
-    from filtersurgery.cifar_resnet import cifar_resnet
+    from filtersurgery.models.cifar_resnet import cifar_resnet
 
     torch.manual_seed(0)
     base = cifar_resnet(8, num_classes=4, in_chans=1)  # 4x4 input -> layer3 runs on 1x1 maps
@@ -277,7 +277,7 @@ TINY = ["--data", "demo", "--model", "cifar:resnet8", "--class-sets", "4,3,3", "
 
 
 def test_cli_sharing_and_class_finetune_tiny(tmp_path):
-    from filtersurgery.cli import main
+    from filtersurgery.cli.main import main
 
     out = tmp_path / "sh"
     assert main(["run", "--method", "sharing", "--share", "0.8", "--out", str(out)] + TINY) == 0
@@ -324,7 +324,7 @@ def test_sweep_sharing_cli_tiny(tmp_path):
 
 
 def test_timm_model_branch_matches_and_shares_trunk():
-    from filtersurgery.models import build_model
+    from filtersurgery.models.factory import build_model
 
     torch.manual_seed(0)
     base, _ = build_model("timm:resnet10t", num_classes=4, in_chans=1)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import filtersurgery as fs
-from filtersurgery.ranking import rank_filters, remaining_mean, useless_mask
-from filtersurgery.scaling_map import ConvEntry, NormRef, ScalingMap
-from filtersurgery.sparsity import Sparsifier, sp_ratio, sparsify
+from filtersurgery.ops.ranking import rank_filters, remaining_mean, useless_mask
+from filtersurgery.tracing.scaling_map import ConvEntry, NormRef, ScalingMap
+from filtersurgery.ops.sparsity import Sparsifier, sp_ratio, sparsify
 
 
 class Toy(nn.Module):
@@ -227,7 +227,7 @@ def test_loader_form_runs_sst_and_restores_mode():
 
 
 def test_public_api_with_tracer():
-    pytest.importorskip("filtersurgery.tracer")
+    pytest.importorskip("filtersurgery.tracing.tracer")
     m, _ = toy()
     sp = fs.sparsify(m, target_r=0.3)
     assert isinstance(sp, Sparsifier) and sp.n == 24 and sp.sp_r == 0.3

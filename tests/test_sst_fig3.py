@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import filtersurgery as fs
-from filtersurgery.plots import gamma_histogram
-from filtersurgery.ranking import fraction_count, remaining_mean
-from filtersurgery.tracer import trace
+from filtersurgery.report.plots import gamma_histogram
+from filtersurgery.ops.ranking import fraction_count, remaining_mean
+from filtersurgery.tracing.tracer import trace
 
 N, BS, PRE_EPOCHS, SST_EPOCHS, LAM_SAFETY, TARGET_R = 2000, 64, 3, 8, 3.0, 0.3
 
@@ -48,7 +48,7 @@ class Shuffled:
 
 @pytest.fixture(scope="module")
 def data():
-    from filtersurgery.data import load_dataset
+    from filtersurgery.data.datasets import load_dataset
 
     try:
         d = load_dataset("fashion-mnist")

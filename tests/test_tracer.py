@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from filtersurgery.tracer import default_input_size, trace
-from filtersurgery.zoo import verify
-from filtersurgery.scaling_map import NormRef, ScalingMap, is_structural
+from filtersurgery.tracing.tracer import default_input_size, trace
+from filtersurgery.tracing.verify import verify
+from filtersurgery.tracing.scaling_map import NormRef, ScalingMap, is_structural
 
 
 def refs(sm, name):

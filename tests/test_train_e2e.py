@@ -7,11 +7,13 @@ import pytest
 import timm
 import torch
 
-from filtersurgery import checkpoint, train
-from filtersurgery.augment import normalize
-from filtersurgery.cli import main as cli_main
-from filtersurgery.data import load_dataset
-from filtersurgery.train import METHODS, TrainConfig, multi_step
+from filtersurgery import train
+
+from filtersurgery.engine import checkpoint
+from filtersurgery.data.augment import normalize
+from filtersurgery.cli.main import main as cli_main
+from filtersurgery.data.datasets import load_dataset
+from filtersurgery.engine.trainer import METHODS, TrainConfig, multi_step
 
 TINY = dict(model="timm:resnet18", steps=3, epochs=1, subset=64, batch_size=32, max_batches=2, device="cpu",
             progress=False)

@@ -1,4 +1,4 @@
-"""Shrink & Perturb and DASH (filtersurgery/warmstart.py, docs/warmstart.md) on trained models."""
+"""Shrink & Perturb and DASH (filtersurgery/ops/warmstart.py, docs/warmstart.md) on trained models."""
 import copy
 from dataclasses import replace
 import math
@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import filtersurgery as fs
-from filtersurgery import augment, warmstart
-from filtersurgery.data import BatchLoader, load_dataset
-from filtersurgery.models import build_model
+from filtersurgery.data import augment
+from filtersurgery.ops import warmstart
+from filtersurgery.data.datasets import BatchLoader, load_dataset
+from filtersurgery.models.factory import build_model
 
 torch.set_num_threads(1)
 

@@ -325,7 +325,7 @@ class Check:
         return "\n".join(lines)
 
     def finish(self, jobs_dirs: List[Path]) -> None:
-        from filtersurgery.report import accuracy_per_step
+        from filtersurgery.report.figures import accuracy_per_step
 
         for key in ("item1", "item2"):
             d = self.results["items"].get(key)

@@ -1,0 +1,2 @@
+"""Layer 3, engine: the training configuration, the one training loop (phases), distributed
+helpers and resumable checkpoints (``trainer``, ``checkpoint``)."""

@@ -1,0 +1,377 @@
+"""Kernel reactivation as a training method, with its baselines (docs/method.md §5).
+
+CLI methods (``filtersurgery run --method M``), each one training run from scratch on
+the whole training set (docs/method.md §8: 10% of it held out for validation; test accuracy on the
+official test set), SGD 0.9 / wd 5e-4 / cosine lr from ``--lr`` (default 0.1, the
+paper's), via :func:`filtersurgery.train.run_phase`:
+
+- ``plain``: cross-entropy training, nothing else (the paper's "baseline");
+- ``reactivation``: + :func:`~filtersurgery.ops.reactivation.reactivate_kernels` after every
+  ``--period`` E-th epoch with ``gamma_t = gamma * lr_t / lr_0`` (cosine-annealed);
+- ``weight-evolution``: + :func:`~filtersurgery.ops.weight_evolution.evolve_weights` after
+  every E-th epoch;
+- ``filter-grafting``: two networks (phase kind ``scratch2``) +
+  :func:`~filtersurgery.ops.filter_grafting.graft` after every ``--graft-period``-th epoch
+  (default 1); the better network on validation is kept. Trains two models: about 2x
+  the memory and compute.
+
+No operation runs after the last epoch (:class:`MethodHook`). All four methods of one
+seed start from the same initial weights (FG: its first network) and see the same
+batches and augmentation, so per-seed differences are paired.
+
+For users' own loops the same operations are callbacks called once per epoch with the
+current learning rate: :class:`ReactivationCallback`, :class:`WeightEvolutionCallback`,
+:class:`GraftingCallback`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from filtersurgery.engine import checkpoint
+from filtersurgery.ops.filter_grafting import GraftReport, graft
+from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport, _check_fraction
+from filtersurgery.engine.trainer import Phase, Run, TrainConfig, STATE_FILE, forward_flops, phase_flops, run_phase, write_metrics
+from filtersurgery.ops.weight_evolution import EvolutionReport, evolve_weights
+
+METHODS = ("plain", "reactivation", "weight-evolution", "filter-grafting")
+PHASE_NAME = "train"  # the same for every method: same augmentation stream per seed
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class ReactivationMethodConfig:
+    """Options of the four methods. Defaults: the paper's ``(alpha, beta, gamma, E) = (0.2, 0.3, 0.1, 10)``;
+    filter grafting ``a = 0.4, c = 500`` (docs/method.md §9), grafting every epoch."""
+
+    alpha: float = 0.2
+    beta: float = 0.3
+    gamma: float = 0.1
+    period: int = 10
+    graft_period: int = 1
+    graft_a: float = 0.4
+    graft_c: float = 500.0
+
+    def validate(self) -> None:
+        """One-line ValueError naming the bad field and its allowed range."""
+        for n in ("alpha", "beta", "gamma", "graft_a"):
+            _check_fraction(n, getattr(self, n))
+        for n in ("period", "graft_period"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{n}: must be an integer >= 1, got {v!r}")
+        if not float(self.graft_c) > 0:
+            raise ValueError(f"graft_c: must be > 0, got {self.graft_c!r}")
+
+
+def add_arguments(group) -> None:
+    """This module's ``filtersurgery run`` flags (used by ``--method reactivation|weight-evolution|filter-grafting``)."""
+    d = ReactivationMethodConfig()
+    group.add_argument("--alpha", type=float, default=d.alpha,
+                       help="reactivation/WE C1: lowest fraction of filters model-wide by mean |w| (default %(default)s)")
+    group.add_argument("--beta", type=float, default=d.beta,
+                       help="reactivation/WE C2: lowest fraction of filters within their layer (default %(default)s)")
+    group.add_argument("--gamma", type=float, default=d.gamma,
+                       help="reactivation C3: fraction of kernels at lr_0, annealed as gamma*lr_t/lr_0 (default %(default)s)")
+    group.add_argument("--period", type=int, default=d.period,
+                       help="reactivation/WE every E-th epoch; scale it with --epochs (paper: 10 of 200) (default %(default)s)")
+    group.add_argument("--graft-period", type=int, default=d.graft_period,
+                       help="filter grafting every N-th epoch (default %(default)s)")
+
+
+def method_config_from_args(args: argparse.Namespace) -> ReactivationMethodConfig:
+    """The :class:`ReactivationMethodConfig` of parsed CLI ``args`` (missing flags: defaults)."""
+    d = ReactivationMethodConfig()
+    cfg = ReactivationMethodConfig(**{k: getattr(args, k, getattr(d, k)) for k in asdict(d)})
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------- callbacks
+def _next_epoch(cb, epoch: Optional[int]) -> int:
+    """0-based index of the epoch that just ended: ``epoch`` if given, else the callback's own count."""
+    e = cb.epoch if epoch is None else epoch
+    if isinstance(e, bool) or int(e) != e or e < 0:
+        raise ValueError(f"epoch: must be an integer >= 0 (0-based, the epoch that just ended), got {epoch!r}")
+    cb.epoch = int(e) + 1
+    return int(e)
+
+
+def _check_period(period) -> int:
+    if isinstance(period, bool) or int(period) != period or period < 1:
+        raise ValueError(f"period: must be an integer >= 1, got {period!r}")
+    return int(period)
+
+
+class ReactivationCallback(KernelReactivation):
+    """Kernel reactivation for a user's loop: call once per epoch, after the epoch, with the current lr.
+
+    ::
+
+        cb = ReactivationCallback(model, period=10, lr0=0.1)   # alpha=0.2, beta=0.3, gamma=0.1
+        for epoch in range(epochs):
+            train_one_epoch(...)
+            cb(scheduler.get_last_lr()[0])   # reactivates after epochs E, 2E, ... (1-based)
+
+    ``gamma_t = gamma * lr / lr0`` (docs/method.md §5); ``lr0`` defaults to the lr of the first
+    call. ``cb(lr, epoch=e)`` names the 0-based epoch that just ended (after a resume);
+    without it the callback counts its calls. Returns the
+    :class:`~filtersurgery.ops.reactivation.ReactivationReport` when it reactivated, else None;
+    all reports are in ``history``.
+    """
+
+    def __init__(self, model: nn.Module, period: int = 10, alpha: float = 0.2, beta: float = 0.3,
+                 gamma: float = 0.1, lr0: Optional[float] = None):
+        super().__init__(model, alpha=alpha, beta=beta, gamma=gamma, period=_check_period(period))
+        if lr0 is not None and not float(lr0) > 0:
+            raise ValueError(f"lr0: must be > 0, got {lr0!r}")
+        self.lr0 = None if lr0 is None else float(lr0)
+        self.epoch = 0
+
+    def __call__(self, lr: float, epoch: Optional[int] = None) -> Optional[ReactivationReport]:
+        try:
+            lr = float(lr)
+        except (TypeError, ValueError):
+            raise ValueError(f"lr: must be a number >= 0 (the current learning rate), got {lr!r}") from None
+        if not lr >= 0:
+            raise ValueError(f"lr: must be >= 0, got {lr!r}")
+        if self.lr0 is None:
+            if not lr > 0:
+                raise ValueError("lr0: not given and the first lr is 0; pass lr0= the initial learning rate")
+            self.lr0 = lr
+        return self.on_epoch_end(_next_epoch(self, epoch), lr, self.lr0)
+
+
+class WeightEvolutionCallback:
+    """Weight Evolution (:func:`~filtersurgery.ops.weight_evolution.evolve_weights`) every ``period`` epochs.
+
+    Call once per epoch, after the epoch: ``cb(lr=None, epoch=None)`` (the lr is not used);
+    returns the :class:`~filtersurgery.ops.weight_evolution.EvolutionReport` or None.
+    """
+
+    def __init__(self, model: nn.Module, period: int = 10, alpha: float = 0.2, beta: float = 0.3):
+        for n, v in (("alpha", alpha), ("beta", beta)):
+            _check_fraction(n, v)
+        self.model, self.alpha, self.beta, self.period = model, alpha, beta, _check_period(period)
+        self.epoch = 0
+        self.history: List[EvolutionReport] = []
+
+    def __call__(self, lr: Optional[float] = None, epoch: Optional[int] = None) -> Optional[EvolutionReport]:
+        if (_next_epoch(self, epoch) + 1) % self.period:
+            return None
+        rep = evolve_weights(self.model, self.alpha, self.beta)
+        self.history.append(rep)
+        return rep
+
+
+class GraftingCallback:
+    """Filter grafting of two networks (:func:`~filtersurgery.ops.filter_grafting.graft`) every ``period`` epochs.
+
+    Train ``model_a`` and ``model_b`` side by side (each with its own optimizer) and call
+    ``cb(lr=None, epoch=None)`` once per epoch, after the epoch; returns the
+    :class:`~filtersurgery.ops.filter_grafting.GraftReport` or None.
+    """
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, period: int = 1, a: float = 0.4, c: float = 500.0,
+                 bins: int = 10):
+        _check_fraction("a", a)
+        if not float(c) > 0:
+            raise ValueError(f"c: must be > 0, got {c!r}")
+        self.model_a, self.model_b, self.period = model_a, model_b, _check_period(period)
+        self.a, self.c, self.bins = float(a), float(c), bins
+        self.epoch = 0
+        self.history: List[GraftReport] = []
+
+    def __call__(self, lr: Optional[float] = None, epoch: Optional[int] = None) -> Optional[GraftReport]:
+        if (_next_epoch(self, epoch) + 1) % self.period:
+            return None
+        rep = graft(self.model_a, self.model_b, a=self.a, c=self.c, bins=self.bins)
+        self.history.append(rep)
+        return rep
+
+
+def report_row(rep) -> Dict:
+    """The per-epoch log items (``epochs.csv`` column ``extra``) of a callback's report."""
+    if rep is None:
+        return {}
+    if isinstance(rep, ReactivationReport):
+        return {"react_filters": rep.invalid_filters, "react_kernels": rep.kernels, "gamma_t": round(rep.gamma_t, 6)}
+    if isinstance(rep, EvolutionReport):
+        return {"we_filters": rep.invalid_filters, "we_weights": rep.weights}
+    if isinstance(rep, GraftReport):
+        return {"graft_layers": len(rep.layers), "graft_coef_mean": round(rep.mean_coef_a, 4)}
+    raise ValueError(f"rep: unknown report type {type(rep).__name__}")
+
+
+class MethodHook:
+    """``Phase.epoch_end`` of a method: builds the method's callback for the phase's models, calls it.
+
+    Nothing is done after the last of ``epochs`` epochs: no training would follow the
+    change (kernel reactivation is a no-op there anyway, ``lr_T = 0``; a last Weight
+    Evolution or grafting would only perturb the final model, and grafted layers would
+    no longer match their BatchNorm running statistics).
+    """
+
+    def __init__(self, method: str, mcfg: ReactivationMethodConfig, lr0: float, epochs: Optional[int] = None):
+        if method not in METHODS:
+            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method, self.mcfg, self.lr0, self.epochs = method, mcfg, lr0, epochs
+        self._cb, self._for = None, None
+
+    def _callback(self, models: List[nn.Module]):
+        c = self.mcfg
+        if self.method == "reactivation":
+            return ReactivationCallback(models[0], c.period, c.alpha, c.beta, c.gamma, lr0=self.lr0)
+        if self.method == "weight-evolution":
+            return WeightEvolutionCallback(models[0], c.period, c.alpha, c.beta)
+        if self.method == "filter-grafting":
+            if len(models) != 2:
+                raise ValueError(f"models: filter grafting needs 2 networks, got {len(models)}")
+            return GraftingCallback(models[0], models[1], c.graft_period, c.graft_a, c.graft_c)
+        return None
+
+    def __call__(self, models: List[nn.Module], epoch: int, lr: float) -> Optional[Dict]:
+        key = tuple(id(m) for m in models)
+        if self._for != key:
+            self._cb, self._for = self._callback(models), key
+        if self._cb is None or (self.epochs is not None and epoch + 1 >= self.epochs):
+            return None
+        return report_row(self._cb(lr, epoch=epoch))
+
+
+# --------------------------------------------------------------------------- memory
+def _proc_status_mb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux ``/proc/self/clear_refs``); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def peak_memory(device) -> Iterator[Dict]:
+    """Measure peak memory of the enclosed block; fills the yielded dict on exit.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (``kind = "cuda_max_allocated"``). CPU: the
+    process's peak resident set size since the block started (Linux: peak RSS reset via
+    ``/proc/self/clear_refs``, ``kind = "cpu_peak_rss"``; elsewhere ``ru_maxrss`` since the
+    process started, ``kind = "cpu_maxrss_process"``). ``peak_mb`` and ``base_mb`` (at entry).
+    """
+    dev = torch.device(device)
+    info: Dict = {}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        try:
+            yield info
+        finally:
+            torch.cuda.synchronize(dev)
+            info.update(kind="cuda_max_allocated", base_mb=base / 2**20,
+                        peak_mb=torch.cuda.max_memory_allocated(dev) / 2**20)
+        return
+    was_reset = _reset_peak_rss()
+    base = _proc_status_mb("VmRSS")
+    try:
+        yield info
+    finally:
+        peak = _proc_status_mb("VmHWM") if was_reset else None
+        if peak is not None:
+            info.update(kind="cpu_peak_rss", base_mb=base, peak_mb=peak)
+        else:
+            scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
+            info.update(kind="cpu_maxrss_process", base_mb=base,
+                        peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale)
+
+
+# --------------------------------------------------------------------------- the method
+def method_phase(cfg: TrainConfig, mcfg: ReactivationMethodConfig) -> Phase:
+    """The single training phase of ``cfg.method`` (lr: ``cfg.lr`` if set, else ``cfg.scratch_lr``)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    lr = cfg.lr if cfg.lr is not None else cfg.scratch_lr
+    kind = "scratch2" if cfg.method == "filter-grafting" else "scratch"
+    hook = None if cfg.method == "plain" else MethodHook(cfg.method, mcfg, lr0=lr, epochs=cfg.epochs)
+    return Phase(PHASE_NAME, kind, [0], lr, cfg.epochs, epoch_end=hook)
+
+
+def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir, seed: int, data=None) -> Dict:
+    """Train ``cfg.method`` (one of :data:`METHODS`) from scratch for one seed; returns the metrics.
+
+    Writes ``out_dir/step1.safetensors``, ``out_dir/metrics.json`` (one entry, ``step: 1``,
+    with ``peak_mem_mb``/``mem_kind``), ``out_dir/epochs.csv`` (per-epoch reactivation
+    counts in ``extra``). Re-running resumes from the last finished epoch, or returns the
+    finished metrics; a folder holding a run with other method options is refused.
+    """
+    mcfg = method_config_from_args(args) if args is not None else ReactivationMethodConfig()
+    one = replace(cfg, split="multi", steps=1)  # the whole training set as one part
+    phase = method_phase(one, mcfg)
+    out = Path(out_dir)
+    opts = asdict(mcfg)
+    ident = {"method": cfg.method, **opts}
+    metrics_path, ckpt = out / "metrics.json", out / "step1.safetensors"
+    opts_path = out / ".work" / "method.json"
+    for p in (metrics_path, opts_path):
+        if p.exists():
+            old = checkpoint.read_json(p)
+            if p == metrics_path:
+                c = old.get("config", {})
+                old = {"method": c.get("method"), **c.get("method_options", {})}
+            checkpoint.refuse_other_settings(out, old, ident, keys=list(ident))
+    if metrics_path.exists() and ckpt.exists():
+        done = checkpoint.read_json(metrics_path)
+        if done.get("steps"):
+            return done
+    run = Run(one, seed, out, data)
+    run.work.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(ident, opts_path)
+    t0 = time.time()
+    with peak_memory(run.device) as mem:
+        model = run_phase(run, 1, phase, run.new_model())
+    seconds = time.time() - t0
+    n_train = len(run.parts[0][0])
+    entry = {
+        "step": 1, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, [0]), 4),
+        "seconds": round(seconds, 2),
+        "train_flops": phase_flops(phase, forward_flops(model, run.data, run.device), n_train, 1),
+        "phases": [phase.name], "models_trained": 2 if phase.kind == "scratch2" else 1,
+        "peak_mem_mb": round(mem["peak_mb"], 1), "base_mem_mb": None if mem["base_mb"] is None else round(mem["base_mb"], 1),
+        "mem_kind": mem["kind"], "train_images": n_train,
+    }
+    checkpoint.save_state_dict(model.state_dict(), ckpt)
+    config = {**asdict(cfg), "seed": seed, "lr_used": phase.lr, "method_options": opts}
+    metrics = write_metrics(out, run.data, config, [entry])
+    for f in run.work.glob("step1_*.safetensors"):
+        f.unlink()
+    (run.work / STATE_FILE).unlink(missing_ok=True)
+    opts_path.unlink(missing_ok=True)  # metrics.json now holds the method options
+    checkpoint.remove_empty_dir(run.work)
+    return metrics
+
+
+__all__ = [
+    "METHODS", "ReactivationMethodConfig", "ReactivationCallback", "WeightEvolutionCallback", "GraftingCallback",
+    "MethodHook", "method_phase", "run_method", "add_arguments", "method_config_from_args", "peak_memory", "report_row",
+]

@@ -1,0 +1,589 @@
+"""Partial network sharing as a training method, its baselines, and the sharing sweep (docs/method.md §6).
+
+CLI methods (``filtersurgery run --method M``), class-incremental over ``--class-sets``
+(sizes in label order, e.g. ``4,3,3``: classes 0-3, then 4-6, then 7-9):
+
+================== ==============================================================================
+``sharing``         the base network is trained from scratch on the first set (lr 0.1 cosine); for
+                    each later set a branch is made with :func:`~filtersurgery.ops.sharing.share`
+                    (``--share`` of the conv parameters frozen and shared, a fresh head for the
+                    new classes, the rest cloned from the base) and trained on that set's data
+                    only at ``--lr`` (default 1e-3). The updated network is a
+                    :class:`~filtersurgery.ops.sharing.BranchedNet` (max softmax probability).
+                    ``--share 0`` is the paper's "without partial network sharing" baseline.
+``class-finetune``  one network with a head over all classes, trained on the first set, then
+                    fine-tuned whole on each new set's data (CE at ``--lr``): it forgets.
+================== ==============================================================================
+
+Each set's data is its classes' share of the training set (``--subset N``: N training
+images per set), 10% of it held out for validation (docs/method.md §8); the test accuracy is read on
+the official test set. ``metrics.json`` has one entry whose ``test_acc``/``val_acc`` are the
+all-class accuracies (prediction over all classes of the sets); ``per_set`` lists, per
+class set, the accuracy within the set (``test_acc``: the branch on its own classes, the
+paper's per-set rows) and under the all-class prediction (``test_acc_all``: what the
+class-incremental network gets right on that set's images).
+
+``filtersurgery sweep-sharing`` runs ``sharing`` for each of ``--shares`` (the base is
+trained once and reused), writes ``sweep.csv``/``sweep.json``/``sweep.png`` (the
+accuracy-vs-sharing curve, paper §3.4) and marks the chosen configuration: the largest
+share whose all-class *validation* accuracy is within ``--max-drop`` points of no sharing.
+Per configuration it also reports training MACs per iteration, trainable and stored
+parameters, measured time per iteration and peak memory
+(:func:`~filtersurgery.ops.sharing.training_cost`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from filtersurgery.data import augment
+
+from filtersurgery.engine import checkpoint
+from filtersurgery.data.datasets import ImageData, check_classes, load_dataset
+from filtersurgery.models.factory import build_model
+from filtersurgery.ops.sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
+from filtersurgery.engine.trainer import STATE_FILE, Phase, Run, TrainConfig, resolve_device, run_phase, write_metrics
+
+METHODS = ("sharing", "class-finetune")
+DEFAULT_SHARE = 0.8
+DEFAULT_SHARES = (0.0, 0.5, 0.66, 0.8, 0.9, 0.99)
+PROGRESS_FILE = "progress.json"
+
+
+# --------------------------------------------------------------------------- arguments
+def add_arguments(p) -> None:
+    """``--class-sets`` and ``--share`` (options of ``sharing`` / ``class-finetune``)."""
+    p.add_argument("--class-sets", default=None, metavar="N,N,...",
+                   help="sharing/class-finetune: sizes of the class sets in label order, e.g. 4,3,3 "
+                        "(default: 40%%/30%%/30%% of the classes)")
+    p.add_argument("--share", type=float, default=DEFAULT_SHARE,
+                   help="sharing: fraction of conv parameters (forward order) frozen and shared with the base "
+                        "(default %(default)s; 0 = no sharing)")
+
+
+def class_sets_from(spec: Optional[str], num_classes: int) -> List[List[int]]:
+    """``"4,3,3"`` -> ``[[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]`` (consecutive label order).
+
+    ``None``: three sets of 40%/30%/30% of the classes (the paper's CIFAR-10 split 4/3/3).
+    """
+    if spec is None:
+        if num_classes < 3:
+            raise ValueError(f"class_sets: the default split needs >= 3 classes, the data has {num_classes}")
+        a = max(1, round(0.4 * num_classes))
+        b = max(1, round(0.3 * num_classes))
+        sizes = [a, b, num_classes - a - b]
+    else:
+        try:
+            sizes = [int(s) for s in str(spec).replace(" ", "").split(",") if s != ""]
+        except ValueError:
+            raise ValueError(f"class_sets: must be comma-separated set sizes like 4,3,3, got {spec!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1 or sum(sizes) > num_classes:
+        raise ValueError(f"class_sets: need >= 2 sizes >= 1 summing to at most {num_classes} classes, got {spec!r}")
+    out, start = [], 0
+    for s in sizes:
+        out.append(list(range(start, start + s)))
+        start += s
+    return out
+
+
+def class_subset(data: ImageData, classes: Sequence[int], remap: bool) -> ImageData:
+    """The images of ``classes`` only; labels remapped to ``0..len(classes)-1`` when ``remap``.
+
+    Normalization statistics stay the whole dataset's (one normalization for every branch).
+    """
+    cls = torch.as_tensor(list(classes), dtype=torch.int64)
+    lut = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    lut[cls] = torch.arange(len(cls))
+
+    def pick(x, y):
+        idx = torch.nonzero(torch.isin(y, cls)).flatten()
+        yy = y[idx]
+        return x[idx], (lut[yy] if remap else yy)
+
+    tx, ty = pick(data.train_x, data.train_y)
+    vx, vy = pick(data.test_x, data.test_y)
+    names = [data.classes[c] for c in classes] if (remap and data.classes) else data.classes
+    return replace(data, train_x=tx, train_y=ty, test_x=vx, test_y=vy,
+                   num_classes=len(cls) if remap else data.num_classes, classes=names,
+                   name=f"{data.name}[{','.join(map(str, classes))}]", extra=dict(data.extra))
+
+
+def _set_runs(cfg: TrainConfig, seed: int, out: Path, data: ImageData, sets, remap: bool) -> List[Run]:
+    """One :class:`Run` per class set (one data part each: 90% train / 10% val; ``subset`` per set)."""
+    sub_cfg = replace(cfg, split="multi", steps=1)
+    runs = [Run(sub_cfg, seed, out, class_subset(data, s, remap)) for s in sets]
+    runs[0].work.mkdir(parents=True, exist_ok=True)
+    return runs
+
+
+def _progress(out: Path, args: Dict) -> Dict:
+    """Read ``progress.json``; refuse a folder holding a run with other sharing settings."""
+    path = out / PROGRESS_FILE
+    if not path.exists():
+        return {"args": args, "steps": {}}
+    prog = checkpoint.read_json(path)
+    checkpoint.refuse_other_settings(out, prog.get("args", {}), args, keys=list(args))
+    return prog
+
+
+def _finish_step(run: Run, step: int, prog: Dict, out: Path, **info) -> None:
+    prog["steps"][str(step)] = info
+    checkpoint.atomic_write_json(prog, out / PROGRESS_FILE)
+    for f in run.work.glob(f"step{step}_*.safetensors"):
+        f.unlink()
+    (run.work / STATE_FILE).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _outputs(model: nn.Module, x, data: ImageData, device, amp, batch_size: int = 512) -> torch.Tensor:
+    """Model outputs (float, CPU) for uint8 images ``x``; the model's modes are restored."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    outs = []
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = augment.normalize(x[i:i + batch_size].to(device), data.mean, data.std)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                outs.append(model(xb).float().cpu())
+    finally:
+        for m, t in was:
+            m.training = t
+    return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def _set_accuracy(out: torch.Tensor, y: torch.Tensor, cols: Sequence[int]) -> float:
+    """Accuracy (%) of ``argmax`` over columns ``cols`` against global labels ``y``."""
+    if len(y) == 0:
+        return 0.0
+    c = torch.as_tensor(list(cols))
+    pred = c[out[:, c].argmax(1)]
+    return 100.0 * (pred == y).float().mean().item()
+
+
+def evaluate_sets(model: nn.Module, runs: List[Run], sets, remapped: bool, data: ImageData) -> Dict:
+    """Per-set and all-class accuracy of the class-incremental network ``model``.
+
+    ``model`` outputs one column per class id (a :class:`BranchedNet` or an all-class
+    network). Within-set accuracy: argmax over the set's columns; all-class: over the
+    columns of every set. Validation: each set's held-out training images.
+    """
+    all_ids = [c for s in sets for c in s]
+    dev, amp = runs[0].device, runs[0].amp
+    per_set, totals = [], {"test": [0.0, 0], "val": [0.0, 0]}
+    for run, s in zip(runs, sets):
+        lut = torch.as_tensor(s)
+        row = {"classes": list(s)}
+        for split, (x, y) in (("test", (run.data.test_x, run.data.test_y)), ("val", run.part_xy([0], "val"))):
+            y = lut[y] if remapped else y
+            out = _outputs(model, x, data, dev, amp)
+            row[f"{split}_acc"] = round(_set_accuracy(out, y, s), 4)
+            acc_all = _set_accuracy(out, y, all_ids)
+            row[f"{split}_acc_all"] = round(acc_all, 4)
+            totals[split][0] += acc_all * len(y)
+            totals[split][1] += len(y)
+        per_set.append(row)
+    return {"per_set": per_set, "test_acc": round(totals["test"][0] / max(1, totals["test"][1]), 4),
+            "val_acc": round(totals["val"][0] / max(1, totals["val"][1]), 4)}
+
+
+def _example_batch(data: ImageData, n: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, data.in_chans, data.size, data.size, generator=g).to(device)
+
+
+# --------------------------------------------------------------------------- methods
+def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir: Path, seed: int, data: ImageData) -> Dict:
+    """``filtersurgery run --method sharing|class-finetune`` for one seed (module docstring)."""
+    sets = class_sets_from(getattr(args, "class_sets", None), data.num_classes)
+    if cfg.method == "sharing":
+        return run_sharing(cfg, sets, getattr(args, "share", DEFAULT_SHARE), out_dir, seed, data)
+    if cfg.method == "class-finetune":
+        return run_class_finetune(cfg, sets, out_dir, seed, data)
+    raise ValueError(f"method: {cfg.method!r} is not implemented here (one of {', '.join(METHODS)})")
+
+
+def run_sharing(cfg: TrainConfig, class_sets: List[List[int]], share_frac: float, out_dir, seed: int = 0,
+                data: Optional[ImageData] = None, base_from: Optional[Path] = None, cost: bool = True) -> Dict:
+    """Base on set 1, one branch per later set with ``share_frac`` shared; writes ``out_dir/metrics.json``.
+
+    ``base_from``: a ``step1.safetensors`` of the same model, seed and class sets to reuse
+    (the sweep trains the base once). Re-running with the same ``out_dir`` resumes.
+    ``cost``: measure :func:`~filtersurgery.ops.sharing.training_cost` of the branch.
+    Checkpoints: ``step1.safetensors`` the base (full ``state_dict``), ``stepK.safetensors``
+    (K >= 2) the branch's own tensors (:func:`~filtersurgery.ops.sharing.branch_state_dict`;
+    rebuild with :func:`~filtersurgery.ops.sharing.load_branch`).
+    """
+    share_frac = float(share_frac)
+    if not 0.0 <= share_frac <= 1.0:
+        raise ValueError(f"share: must be in [0, 1], got {share_frac}")
+    cfg = replace(cfg, method="sharing")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+    prog = _progress(out, {"method": "sharing", "class_sets": class_sets, "share": share_frac, "model": cfg.model})
+    done = checkpoint.read_json(out / "metrics.json") if (out / "metrics.json").exists() else None
+    if done is not None and done.get("config", {}).get("share") == share_frac and len(prog["steps"]) == len(class_sets):
+        return done
+    runs = _set_runs(cfg, seed, out, data, class_sets, remap=True)
+    dev = runs[0].device
+    ex = _example_batch(data, 1, dev)
+
+    # step 1: the base network on the first class set
+    base = runs[0].new_model()
+    ck = out / "step1.safetensors"
+    if ck.exists():
+        base.load_state_dict(checkpoint.load_state_dict(ck, device=str(dev)))
+    elif base_from is not None and Path(base_from).exists():
+        base.load_state_dict(checkpoint.load_state_dict(base_from, device=str(dev)))
+        checkpoint.save_state_dict(base.state_dict(), ck)
+        _finish_step(runs[0], 1, prog, out, seconds=0.0, base_from=str(base_from))
+    else:
+        t0 = time.time()
+        base = run_phase(runs[0], 1, Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs), base)
+        checkpoint.save_state_dict(base.state_dict(), ck)
+        _finish_step(runs[0], 1, prog, out, seconds=round(time.time() - t0, 2))
+
+    # steps 2..K: one branch per later class set, trained on its own data only
+    branches = []
+    for k in range(2, len(class_sets) + 1):
+        ck = out / f"step{k}.safetensors"
+        if ck.exists():
+            br = load_branch(base, checkpoint.load_state_dict(ck, device=str(dev)), share_frac,
+                             num_classes=len(class_sets[k - 1]), example_inputs=ex)
+        else:
+            torch.manual_seed(seed * 1000 + k)  # the new head's initialization
+            br = share(base, share_frac, num_classes=len(class_sets[k - 1]), example_inputs=ex)
+            t0 = time.time()
+            br = run_phase(runs[k - 1], k, Phase("branch", "finetune", [0], cfg.new_lr, cfg.epochs), br)
+            checkpoint.save_state_dict(branch_state_dict(br), ck)
+            _finish_step(runs[k - 1], k, prog, out, seconds=round(time.time() - t0, 2))
+        branches.append(br)
+
+    net = BranchedNet(base, class_sets[0])
+    for br, s in zip(branches, class_sets[1:]):
+        net.add_branch(br, s)
+    ev = evaluate_sets(net, runs, class_sets, remapped=True, data=data)
+    plan = share_plan(branches[-1])
+    models = [base] + branches
+    for row, m, (k, p) in zip(ev["per_set"], models, sorted(prog["steps"].items(), key=lambda kv: int(kv[0]))):
+        row["trainable_params"] = sum(q.numel() for q in m.parameters() if q.requires_grad)
+        row["seconds"] = p.get("seconds", 0.0)
+    extra = {"class_sets": class_sets, "per_set": ev["per_set"], "share": plan.to_dict(),
+             "stored_params": sum(p.numel() for p in net.parameters()),
+             "params_per_network": sum(p.numel() for p in base.parameters())}
+    flops = None
+    if cost:
+        extra["cost"] = _cost_summary(cfg, data, dev, base, branches[-1], len(class_sets[-1]))
+        n_imgs = [len(r.part_xy([0], "train")[1]) for r in runs]
+        per_img = [extra["cost"]["base_train_macs_per_iter"]] + [extra["cost"]["train_macs_per_iter"]] * len(branches)
+        flops = int(sum(2 * m / cfg.batch_size * n * cfg.epochs for m, n in zip(per_img, n_imgs)))
+    entry = {"step": 1, "test_acc": ev["test_acc"], "val_acc": ev["val_acc"],
+             "seconds": round(sum(p.get("seconds", 0.0) for p in prog["steps"].values()), 2),
+             "share": share_frac, "shared_fraction": round(plan.shared_fraction, 4)}
+    if flops is not None:
+        entry["train_flops"] = flops
+    config = {**asdict(cfg), "seed": seed, "class_sets": class_sets, "share": share_frac}
+    metrics = write_metrics(out, data, config, [entry], **extra)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
+
+
+def _cost_summary(cfg: TrainConfig, data: ImageData, dev, base: nn.Module, branch: nn.Module, n_out: int) -> Dict:
+    """Training cost per iteration of ``branch`` and of the base trained whole (reference)."""
+    x = _example_batch(data, cfg.batch_size, dev)
+    c = training_cost(branch, x, num_classes=n_out)
+    full = training_cost(base, x, measure=False)
+    return {"batch_size": c.batch_size, "train_macs_per_iter": c.train_macs, "forward_macs_per_iter": c.forward_macs,
+            "backward_macs_per_iter": c.backward_macs, "trainable_params": c.trainable_params,
+            "sec_per_iter": c.sec_per_iter, "peak_mem_mb": c.peak_mem_mb, "peak_mem_source": c.peak_mem_source,
+            "base_train_macs_per_iter": full.train_macs, "device": str(dev)}
+
+
+def run_class_finetune(cfg: TrainConfig, class_sets: List[List[int]], out_dir, seed: int = 0,
+                       data: Optional[ImageData] = None, cost: bool = True) -> Dict:
+    """One all-class network: scratch on set 1, then fine-tuned whole on each new set (forgets)."""
+    cfg = replace(cfg, method="class-finetune")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+    prog = _progress(out, {"method": "class-finetune", "class_sets": class_sets, "model": cfg.model})
+    done = checkpoint.read_json(out / "metrics.json") if (out / "metrics.json").exists() else None
+    if done is not None and len(prog["steps"]) == len(class_sets):
+        return done
+    runs = _set_runs(cfg, seed, out, data, class_sets, remap=False)
+    dev = runs[0].device
+    model = runs[0].new_model()
+    for k in range(1, len(class_sets) + 1):
+        ck = out / f"step{k}.safetensors"
+        if ck.exists():
+            model.load_state_dict(checkpoint.load_state_dict(ck, device=str(dev)))
+            continue
+        t0 = time.time()
+        phase = (Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs) if k == 1
+                 else Phase("finetune", "finetune", [0], cfg.new_lr, cfg.epochs))
+        model = run_phase(runs[k - 1], k, phase, model)
+        checkpoint.save_state_dict(model.state_dict(), ck)
+        _finish_step(runs[k - 1], k, prog, out, seconds=round(time.time() - t0, 2))
+    ev = evaluate_sets(model, runs, class_sets, remapped=False, data=data)
+    for row, (k, p) in zip(ev["per_set"], sorted(prog["steps"].items(), key=lambda kv: int(kv[0]))):
+        row["trainable_params"] = sum(q.numel() for q in model.parameters())
+        row["seconds"] = p.get("seconds", 0.0)
+    n_params = sum(p.numel() for p in model.parameters())
+    extra = {"class_sets": class_sets, "per_set": ev["per_set"], "stored_params": n_params,
+             "params_per_network": n_params}
+    entry = {"step": 1, "test_acc": ev["test_acc"], "val_acc": ev["val_acc"],
+             "seconds": round(sum(p.get("seconds", 0.0) for p in prog["steps"].values()), 2)}
+    if cost:
+        x = _example_batch(data, cfg.batch_size, dev)
+        c = training_cost(model, x)
+        extra["cost"] = {"batch_size": c.batch_size, "train_macs_per_iter": c.train_macs,
+                         "forward_macs_per_iter": c.forward_macs, "backward_macs_per_iter": c.backward_macs,
+                         "trainable_params": c.trainable_params, "sec_per_iter": c.sec_per_iter,
+                         "peak_mem_mb": c.peak_mem_mb, "peak_mem_source": c.peak_mem_source, "device": str(dev)}
+        n_imgs = [len(r.part_xy([0], "train")[1]) for r in runs]
+        entry["train_flops"] = int(sum(2 * c.train_macs / cfg.batch_size * n * cfg.epochs for n in n_imgs))
+    config = {**asdict(cfg), "seed": seed, "class_sets": class_sets}
+    metrics = write_metrics(out, data, config, [entry], **extra)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
+
+
+# --------------------------------------------------------------------------- sweep
+def _share_dir(s: float) -> str:
+    return f"share{s:.2f}"
+
+
+def choose(rows: List[Dict], max_drop: float = 1.0) -> Dict:
+    """The row with the largest ``shared_fraction`` whose ``val_acc`` is within ``max_drop``
+    points of the no-sharing row's (``shared_fraction == 0``); paper §3.4, decided on validation."""
+    if not rows:
+        raise ValueError("rows: the sweep has no configuration")
+    if not max_drop >= 0:
+        raise ValueError(f"max_drop: must be >= 0 accuracy points, got {max_drop}")
+    ref = min(rows, key=lambda r: r["shared_fraction"])
+    ok = [r for r in rows if r["val_acc"] >= ref["val_acc"] - max_drop]
+    return max(ok, key=lambda r: (r["shared_fraction"], r["share"]))
+
+
+def _mean(v):
+    v = [x for x in v if x is not None]
+    return statistics.fmean(v) if v else None
+
+
+def sweep_sharing(cfg: TrainConfig, class_sets: List[List[int]], shares: Sequence[float], out_dir,
+                  seeds: Sequence[int] = (0,), data: Optional[ImageData] = None, max_drop: float = 1.0,
+                  cost: bool = True, title: str = "") -> Dict:
+    """The accuracy-vs-sharing curve (paper §3.4, docs/method.md §6) -> ``sweep.csv``, ``sweep.json``, ``sweep.png``.
+
+    ``share = 0`` (no sharing, the reference) is always included. Shares that give the same
+    shared prefix (same number of shared layers) are trained once. The base network of a
+    seed is trained once (by the ``share = 0`` run) and reused. Chosen configuration:
+    :func:`choose` on the mean validation accuracy over seeds.
+    """
+    shares = sorted({0.0, *(float(s) for s in shares)})
+    for s in shares:
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"shares: each must be in [0, 1], got {s}")
+    out = Path(out_dir)
+    data = data if data is not None else load_dataset(cfg.data, root=cfg.data_root, download=cfg.download)
+    probe, _ = build_model(cfg.model, num_classes=len(class_sets[0]), in_chans=data.in_chans)
+    ex = _example_batch(data, 1, "cpu")
+    plans = {s: plan_share(probe, s, ex) for s in shares}
+    runs_for: Dict[int, float] = {}  # n_shared_layers -> the share trained for it
+    for s in shares:
+        runs_for.setdefault(plans[s].n_shared_layers, s)
+    per_share: Dict[float, List[Dict]] = {s: [] for s in shares}
+    for seed in seeds:
+        base_ckpt = out / _share_dir(0.0) / f"seed{seed}" / "step1.safetensors"
+        results: Dict[float, Dict] = {}
+        for s in sorted(set(runs_for.values())):
+            results[s] = run_sharing(cfg, class_sets, s, out / _share_dir(s) / f"seed{seed}", seed, data,
+                                     base_from=None if s == 0.0 else base_ckpt, cost=cost)
+        for s in shares:
+            per_share[s].append(results[runs_for[plans[s].n_shared_layers]])
+    rows = []
+    for s in shares:
+        ms = per_share[s]
+        e = [m["steps"][0] for m in ms]
+        c = [m.get("cost", {}) for m in ms]
+        row = {"share": s, "shared_fraction": round(plans[s].shared_fraction, 4),
+               "n_shared_layers": plans[s].n_shared_layers, "cut": plans[s].cut,
+               "trained_as": runs_for[plans[s].n_shared_layers],
+               "val_acc": round(_mean([x["val_acc"] for x in e]), 4),
+               "test_acc": round(_mean([x["test_acc"] for x in e]), 4),
+               "test_acc_std": round(statistics.stdev([x["test_acc"] for x in e]), 4) if len(e) > 1 else 0.0,
+               "n_seeds": len(e)}
+        for i in range(len(class_sets)):
+            row[f"set{i + 1}_test_acc"] = round(_mean([m["per_set"][i]["test_acc"] for m in ms]), 4)
+        row["branch_seconds"] = round(_mean([sum(p["seconds"] for p in m["per_set"][1:]) for m in ms]), 2)
+        if cost:
+            row["train_macs_per_iter"] = c[0].get("train_macs_per_iter")
+            row["trainable_params"] = c[0].get("trainable_params")
+            row["stored_params"] = ms[0]["stored_params"]
+            row["sec_per_iter"] = _round(_mean([x.get("sec_per_iter") for x in c]), 5)
+            row["peak_mem_mb"] = _round(_mean([x.get("peak_mem_mb") for x in c]), 2)
+        rows.append(row)
+    if cost:
+        ref = rows[0]
+        for r in rows:
+            r["train_macs_rel"] = round(r["train_macs_per_iter"] / ref["train_macs_per_iter"], 4)
+            r["sec_per_iter_rel"] = _round(r["sec_per_iter"] / ref["sec_per_iter"] if ref["sec_per_iter"] else None, 4)
+    chosen = choose(rows, max_drop)
+    for r in rows:
+        r["chosen"] = int(r is chosen)
+    result = {"model": cfg.model, "data": data.name, "class_sets": class_sets, "seeds": list(seeds),
+              "max_drop": max_drop, "epochs": cfg.epochs, "subset": cfg.subset, "chosen_share": chosen["share"],
+              "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(result, out / "sweep.json")
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_sweep(rows, out / "sweep.png", max_drop=max_drop, title=title or f"{cfg.model} on {data.name}")
+    return result
+
+
+def _round(v, nd):
+    return None if v is None else round(v, nd)
+
+
+def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -> Path:
+    """Accuracy vs sharing (paper Fig. 2b / 4): all-class test and validation accuracy against the
+    shared fraction, the chosen configuration marked, normalized training MACs on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * r["shared_fraction"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(x, [r["test_acc"] for r in rows], yerr=[r.get("test_acc_std", 0) for r in rows], marker="o",
+                capsize=3, label="test (all classes)")
+    ax.plot(x, [r["val_acc"] for r in rows], marker="s", ls="--", label="validation (all classes)")
+    ref = rows[0]["val_acc"]
+    ax.axhline(ref - max_drop, color="gray", lw=0.8, ls=":", label=f"no-sharing val - {max_drop:g}")
+    ch = next(r for r in rows if r.get("chosen"))
+    ax.plot([100 * ch["shared_fraction"]], [ch["test_acc"]], marker="*", ms=16, color="red", ls="none",
+            label=f"chosen: share {ch['share']:g} ({100 * ch['shared_fraction']:.0f}% shared)")
+    labels: Dict[float, List[str]] = {}
+    for r, xi in zip(rows, x):  # shares giving the same shared prefix share one point
+        labels.setdefault(xi, []).append(f"{r['share']:g}")
+    for xi, lab in labels.items():
+        y = next(r["test_acc"] for r, xr in zip(rows, x) if xr == xi)
+        ax.annotate("share " + "/".join(lab), (xi, y), textcoords="offset points", xytext=(0, 7), ha="center",
+                    fontsize=7)
+    ax.set_xlabel("shared conv parameters (%)")
+    ax.set_ylabel("accuracy (%)")
+    if rows[0].get("train_macs_rel") is not None:
+        ax2 = ax.twinx()
+        ax2.plot(x, [r["train_macs_rel"] for r in rows], color="green", marker="^", lw=0.8, alpha=0.6,
+                 label="training MACs / iter (rel.)")
+        ax2.set_ylabel("training MACs per iteration (relative to no sharing)")
+        ax2.set_ylim(0, 1.05)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+    else:
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    from filtersurgery.report.figures import save_figure
+
+    return save_figure(fig, path)
+
+
+def _floats(spec: str) -> List[float]:
+    try:
+        return [float(s) for s in spec.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ValueError(f"shares: must be comma-separated numbers in [0, 1], got {spec!r}") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``filtersurgery sweep-sharing``: train every share, write the curve, pick the share on validation."""
+    cfg = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, download=args.download,
+                      method="sharing", split="multi", steps=1, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, subset=args.subset, image_size=args.image_size, device=args.device, amp=args.amp,
+                      channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress)
+    cfg.validate()
+    build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
+    data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
+                                      subset_test=args.test_subset, image_size=cfg.image_size))
+    sets = class_sets_from(args.class_sets, data.num_classes)
+    res = sweep_sharing(cfg, sets, _floats(args.shares), Path(args.out), seeds=args.seeds, data=data,
+                        max_drop=args.max_drop, cost=not args.no_cost)
+    print(format_table(res["rows"]))
+    print(f"chosen: share {res['chosen_share']:g} (largest share with validation accuracy within "
+          f"{args.max_drop:g} points of no sharing)")
+    print(f"wrote {args.out}/sweep.csv, sweep.json, sweep.png")
+    return 0
+
+
+def format_table(rows: List[Dict]) -> str:
+    """A markdown table of the sweep rows."""
+    cols = [("share", "share"), ("shared_fraction", "shared"), ("val_acc", "val"), ("test_acc", "test")]
+    cols += [(k, k.replace("_test_acc", "")) for k in rows[0] if k.startswith("set") and k.endswith("_test_acc")]
+    cols += [(k, n) for k, n in (("train_macs_per_iter", "train MMACs/iter"), ("train_macs_rel", "rel"),
+                                  ("trainable_params", "trainable"), ("stored_params", "stored"),
+                                  ("sec_per_iter", "s/iter"), ("peak_mem_mb", "peak MB"), ("chosen", "chosen"))
+             if k in rows[0]]
+    lines = ["| " + " | ".join(n for _, n in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            if k == "train_macs_per_iter" and v is not None:
+                v = f"{v / 1e6:.1f}"
+            elif k == "shared_fraction":
+                v = f"{100 * v:.1f}%"
+            elif isinstance(v, float) and (k.endswith("acc") or k == "peak_mem_mb"):
+                v = f"{v:.2f}"
+            elif k in ("trainable_params", "stored_params") and v is not None:
+                v = f"{v:,}"
+            elif k == "chosen":
+                v = "**yes**" if v else ""
+            cells.append("" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_parsers(sub) -> None:
+    """Register ``sweep-sharing`` (add this module to ``cli.COMMAND_MODULES``)."""
+    d = TrainConfig()
+    from filtersurgery.cli.run import add_model_data_arguments
+
+    p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
+    add_model_data_arguments(p)
+    p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
+    p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
+                   help="comma-separated shares to train (0 is always added; default %(default)s)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="chosen = largest share with all-class validation accuracy within this many points of "
+                        "no sharing (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per network (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    p.add_argument("--out", default="runs/sweep_sharing", help="output folder (default %(default)s)")
+    p.add_argument("--subset", type=int, default=None, help="N training images per class set")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed class-balanced subset of N test images")
+    p.add_argument("--lr", type=float, default=None,
+                   help="branch learning rate (default 1e-3; the base network trains at 0.1)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (default %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
+    p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--no-cost", action="store_true", help="skip the per-configuration cost measurement")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    p.set_defaults(func=cmd_sweep)

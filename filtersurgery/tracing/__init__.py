@@ -1,0 +1,6 @@
+"""Layer 1, tracing: which normalization factor scales every conv filter.
+
+``scaling_map`` (the map's data types), ``tracer`` (builds it from an FX/torch-pruning graph),
+``norms`` (frozen-norm handling), ``verify`` (the numerical check of a map). Imports nothing
+above this layer.
+"""
