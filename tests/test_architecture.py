@@ -85,3 +85,42 @@ def test_public_names_import_without_warnings():
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+MAX_LINES = 60
+# functions still over MAX_LINES: (module path, name) -> why it is not split yet
+KNOWN_LONG = {
+    ("engine/trainer.py", "run_phase"): "the phase loop",
+    ("engine/trainer.py", "validate"): "TrainConfig checks",
+    ("methods/growth.py", "run_growth"): "growth's own loop",
+    ("methods/sharing.py", "run_sharing"): "",
+    ("methods/sharing.py", "sweep_sharing"): "",
+    ("tracing/tracer.py", "_transfer"): "",
+    ("tracing/tracer.py", "trace"): "",
+    ("tracing/verify.py", "verify"): "",
+    ("ops/warmstart.py", "dash"): "",
+}
+
+
+def _long_functions():
+    """``{(path, name): lines}`` of library functions longer than MAX_LINES, not counting the docstring."""
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            first = node.body[0]
+            doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+            start = first.end_lineno + 1 if doc else node.lineno
+            lines = node.end_lineno - start + 1
+            if lines > MAX_LINES:
+                out[(str(path.relative_to(PKG)), node.name)] = lines
+    return out
+
+
+def test_no_library_function_over_60_lines():
+    long = _long_functions()
+    new = {k: v for k, v in long.items() if k not in KNOWN_LONG}
+    assert not new, f"functions over {MAX_LINES} lines (split them): {new}"
+    fixed = [k for k in KNOWN_LONG if k not in long]
+    assert not fixed, f"no longer over {MAX_LINES} lines: remove {fixed} from KNOWN_LONG"

@@ -14,12 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_cli, tiny_run_args
+
 import filtersurgery as fs
 from filtersurgery import train
 from filtersurgery.engine import checkpoint
 from filtersurgery.distill import losses
 from filtersurgery.models.cifar_resnet import cifar_resnet
-from filtersurgery.cli.main import build_parser, main
+from filtersurgery.cli.main import build_parser
 from filtersurgery.data.datasets import BatchLoader, ImageData, check_classes, load_dataset, split_parts
 from filtersurgery.models.factory import build_model
 from filtersurgery.cli.run import config_from_args
@@ -255,18 +257,12 @@ def test_api_bad_input(case, files):
 
 
 # ------------------------------------------------------------------------ CLI
-def run_args(out, *extra):
-    return ["run", "--model", "cifar:resnet20", "--data", "demo", "--epochs", "1", "--subset", "8", "--batch-size", "4",
-            "--max-batches", "1", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+run_args = tiny_run_args
 
 
 def cli(argv, capsys):
-    """``(exit code, stderr lines)`` of ``filtersurgery ARGV`` (argparse errors exit via SystemExit)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
+    """``(exit code, stderr lines)`` of ``filtersurgery ARGV``."""
+    rc, _, err = run_cli(argv, capsys)
     return rc, err.strip().splitlines()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import subcommands
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -232,12 +233,7 @@ def test_help_lists_public_api():
 # --------------------------------------------------------------------------- CLI docs
 
 
-def _subcommands():
-    from filtersurgery.cli.main import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return sub.choices
+_subcommands = subcommands
 
 
 def test_every_cli_subcommand_and_flag_is_documented():

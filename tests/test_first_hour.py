@@ -9,30 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli, subcommands, tiny_run_args
+
 import filtersurgery as fs
 from filtersurgery import train
 from filtersurgery.cli import console
 from filtersurgery.data import datasets as data
 from filtersurgery.models.cifar_resnet import cifar_resnet
-from filtersurgery.cli.main import build_parser, main
 from filtersurgery.models.factory import build_model
 
 torch.set_num_threads(1)
 
 
 def run_args(out, *extra, epochs="2"):
-    return ["run", "--model", "cifar:resnet20", "--data", "demo", "--epochs", epochs, "--subset", "8",
-            "--batch-size", "4", "--max-batches", "1", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+    return tiny_run_args(out, *extra, epochs=epochs)
 
 
-def cli(argv, capsys):
-    """``(exit code, stdout, stderr)`` of ``filtersurgery ARGV``."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    o = capsys.readouterr()
-    return rc, o.out, o.err
+cli = run_cli
 
 
 # ------------------------------------------------------------------ banner, estimate, resume, Ctrl-C
@@ -258,9 +251,7 @@ def test_every_report_has_a_short_one_line_repr():
 
 
 # ------------------------------------------------------------------ help, inspect
-def _subcommands():
-    parser = build_parser()
-    return next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+_subcommands = subcommands
 
 
 def test_every_flag_of_every_subcommand_has_help():

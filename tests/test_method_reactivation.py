@@ -22,12 +22,7 @@ from filtersurgery.ops.reactivation import reactivate_kernels
 from filtersurgery.ops.weight_evolution import evolve_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def mixed_model(seed=0):

@@ -59,13 +59,6 @@ def data():
     return x, d.train_y[idx]
 
 
-@pytest.fixture
-def one_thread():
-    """Small convs gain nothing from threads, and 2 threads on 2 busy cores run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_sst_keeps_remaining_factors_bst_shrinks_them(data, tmp_path, one_thread):
