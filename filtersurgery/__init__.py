@@ -51,7 +51,8 @@ from filtersurgery.tracing.norms import freeze_norms, unfreeze_norms
 from filtersurgery.tracing.verify import VerifyResult, verify
 
 # --- ops/: ranking, sparsity, reinit, reactivation ---
-from filtersurgery.ops.ranking import FilterRanking, check_finite, rank_filters, remaining_mean, useless_mask
+from filtersurgery.ops.checks import check_finite
+from filtersurgery.ops.ranking import FilterRanking, rank_filters, remaining_mean, useless_mask
 from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
 from filtersurgery.ops.reinit import RescaleReport, rescale
 from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget, sparsify

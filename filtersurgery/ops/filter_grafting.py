@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from filtersurgery.tracing.scaling_map import ScalingMap, unwrap
-from filtersurgery.ops.ranking import check_finite
+from filtersurgery.ops.checks import check_finite
 
 DEFAULT_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 

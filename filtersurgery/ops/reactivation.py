@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from filtersurgery.ops.ranking import fraction_count, smallest_mask
+from filtersurgery.ops.checks import fraction_count, smallest_mask
 from filtersurgery.tracing.scaling_map import ScalingMap, unwrap
 
 
@@ -167,7 +167,7 @@ def reactivate_kernels(
         model = model.module
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    from filtersurgery.ops.ranking import check_finite
+    from filtersurgery.ops.checks import check_finite
 
     check_finite(model)  # NaN/Inf weights: one-line error instead of spreading them
     gamma_t = gamma * min(lr_ratio, 1.0)

@@ -16,7 +16,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from filtersurgery.ops.ranking import ModelOrMap, check_target_r, fraction_count, rank_filters
+from filtersurgery.ops.checks import check_target_r, fraction_count
+from filtersurgery.ops.ranking import ModelOrMap, rank_filters
 
 # an allowed range narrower than this (relative to its upper end) gives (nearly) identical students
 _DEGENERATE_WIDTH = 1e-3

@@ -29,8 +29,9 @@ from torch import nn
 
 import warnings
 
-from filtersurgery.ops.ranking import (ModelOrMap, as_scaling_map, check_ranking, check_target_r, checked_gammas, factor_scales,
-                      factor_view, fraction_count, smallest_mask)
+from filtersurgery.ops.checks import check_target_r, fraction_count, smallest_mask
+from filtersurgery.ops.ranking import (ModelOrMap, as_scaling_map, check_ranking, checked_gammas, factor_scales,
+                                       factor_view)
 from filtersurgery.tracing.scaling_map import ScalingMap, check_trainable
 
 

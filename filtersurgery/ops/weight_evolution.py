@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from filtersurgery.ops.reactivation import _check_fraction, candidate_convs, filter_importance, invalid_filters
-from filtersurgery.ops.ranking import check_finite
+from filtersurgery.ops.checks import check_finite
 from filtersurgery.tracing.scaling_map import ScalingMap
 
 

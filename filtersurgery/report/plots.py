@@ -12,7 +12,8 @@ from typing import Dict, Mapping, Sequence, Union
 
 import torch
 
-from filtersurgery.ops.ranking import check_target_r, gamma_values, smallest_mask
+from filtersurgery.ops.checks import check_target_r, smallest_mask
+from filtersurgery.ops.ranking import gamma_values
 
 
 def _as_dict(models_or_dict) -> Dict[str, object]:
