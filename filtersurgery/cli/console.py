@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from filtersurgery.engine import checkpoint
 from filtersurgery.data.datasets import ImageData, split_parts
 from filtersurgery.engine.trainer import METHODS, SINGLE_RUN_METHODS, Phase, TrainConfig, phase_flops, plan_step, resume_point
+from filtersurgery.tracing.probe import example_input, preserve_mode
 
 __all__ = ["PlannedPhase", "plan_run", "measure_batch_seconds", "estimate_seconds", "banner", "resume_line",
            "interrupted_line", "format_duration", "Resume", "find_resume"]
@@ -126,13 +127,15 @@ def measure_batch_seconds(model: torch.nn.Module, data: ImageData, batch_size: i
     ``model`` is trained on random inputs: pass a throwaway copy. On CUDA the batches
     have ``batch_size`` images; on CPU at most 32, scaled linearly to ``batch_size`` (CPU
     time per image hardly depends on the batch size). One warm-up batch, then up to
-    ``batches`` timed ones within ``budget_s``; returns their median.
+    ``batches`` timed ones within ``budget_s``; returns their median. The model runs in train
+    mode; every module's mode is restored afterwards.
     """
     device = torch.device(device)
     n = batch_size if device.type == "cuda" else min(batch_size, 32)
-    x = torch.randn(n, data.in_chans, data.size, data.size, device=device)
+    # from the global RNG of the device, on the device, as always (timed_batch forks the RNG around it)
+    x = example_input(model, (data.in_chans, data.size, data.size), batch=n, generator=None, device=device)
     y = torch.randint(0, max(1, data.num_classes), (n,), device=device)
-    model = model.to(device).train()
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
 
     def one() -> float:
@@ -146,11 +149,12 @@ def measure_batch_seconds(model: torch.nn.Module, data: ImageData, batch_size: i
         _sync(device)
         return time.perf_counter() - t0
 
-    spent = one()  # warm-up (allocations, kernel selection)
-    times: List[float] = []
-    while len(times) < batches and (not times or spent < budget_s):
-        times.append(one())
-        spent += times[-1]
+    with preserve_mode(model, train=True):
+        spent = one()  # warm-up (allocations, kernel selection)
+        times: List[float] = []
+        while len(times) < batches and (not times or spent < budget_s):
+            times.append(one())
+            spent += times[-1]
     return sorted(times)[len(times) // 2] * batch_size / n
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from filtersurgery.models.factory import SOURCES, build_model, list_cnns, parse_spec
+from filtersurgery.tracing.probe import example_input
 from filtersurgery.tracing.scaling_map import ScalingMap, format_coverage, is_structural
 from filtersurgery.tracing.tracer import trace
 from filtersurgery.tracing.verify import VerifyResult, verify  # noqa: F401 - VerifyResult: the old path's name
@@ -38,9 +39,8 @@ def _input_tensor(model: nn.Module, input_size: Optional[Sequence[int]]):
         return None
     if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
         raise ValueError(f"input_size (--input-size): expected three positive integers C H W, got {list(input_size)}")
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    kw = dict(device=p.device, dtype=p.dtype) if p is not None else {}
-    return torch.randn(1, *[int(s) for s in input_size], **kw)
+    # the global RNG, as the tracer's own default input: `zoo` builds the next model from it
+    return example_input(model, input_size, generator=None)
 
 
 def inspect_model(spec: str, input_size: Optional[Sequence[int]] = None, meta: bool = False) -> Tuple[ScalingMap, str, str]:

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from filtersurgery.tracing.probe import CallOrder, call_order, eval_mode, example_input
 from filtersurgery.tracing.scaling_map import unwrap
 
 __all__ = ["blocks", "capture_blocks"]
@@ -102,75 +103,47 @@ class _Probe:
     events: List[Tuple[int, Tuple[int, int]]] = field(default_factory=list)  # (end, hw)
 
 
-def _default_input(model: nn.Module) -> torch.Tensor:
-    p = next(model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if not size or len(size) != 3:
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        size = (first.in_channels if first is not None else 3, 224, 224)
-    return torch.zeros(1, *size, device=device, dtype=dtype)
-
-
 def _run_probe(model: nn.Module, example_inputs) -> _Probe:
+    """One forward pass of ``example_inputs`` (eval mode, no grad, modes restored): every call, in order."""
+    names = [n for n, _ in model.named_modules() if n]
+    # eval mode: no running-stat updates, no aux heads
+    with eval_mode(model), call_order(model, names) as order, torch.no_grad():
+        try:
+            if isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            shapes = [tuple(t.shape) for t in (example_inputs if isinstance(example_inputs, (tuple, list))
+                                               else [example_inputs]) if torch.is_tensor(t)]
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"example_inputs: the probe forward pass of {type(model).__name__} failed on inputs of shape "
+                f"{shapes} ({msg}); pass example_inputs= of the model's input shape"
+            ) from None
+    return _probe_of(model, order)
+
+
+def _probe_of(model: nn.Module, order: CallOrder) -> _Probe:
+    """Per module: first start, last end, number of calls, 4-d output; the resolution events of conv/pool leaves."""
+    modules = dict(model.named_modules())
     probe = _Probe()
-    counter = [0]
-    handles = []
-
-    def pre(name):
-        def hook(mod, args):
-            c = probe.calls.setdefault(name, _Call())
-            c.calls += 1
-            if c.start < 0:
-                c.start = counter[0]
-            counter[0] += 1
-
-        return hook
-
-    def post(name, track):
-        def hook(mod, args, out):
-            c = probe.calls[name]
-            c.end = counter[0]
-            c.out4d = torch.is_tensor(out) and out.dim() == 4
-            if track and torch.is_tensor(out) and out.dim() == 4:
-                hw = (int(out.shape[-2]), int(out.shape[-1]))
-                if hw != (1, 1):  # global pooling / SE squeeze: not a resolution
-                    c.out_hw = hw
-                    probe.events.append((counter[0], hw))
-            counter[0] += 1
-
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    try:
-        for name, m in model.named_modules():
-            if not name:
-                continue
-            track = isinstance(m, nn.Conv2d) or (_is_pool(m) and not list(m.children()))
-            handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post(name, track)))
-        model.eval()  # no running-stat updates, no aux heads; modes restored below
-        with torch.no_grad():
-            try:
-                if isinstance(example_inputs, (tuple, list)):
-                    model(*example_inputs)
-                else:
-                    model(example_inputs)
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                shapes = [tuple(t.shape) for t in (example_inputs if isinstance(example_inputs, (tuple, list))
-                                                   else [example_inputs]) if torch.is_tensor(t)]
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(
-                    f"example_inputs: the probe forward pass of {type(model).__name__} failed on inputs of shape "
-                    f"{shapes} ({msg}); pass example_inputs= of the model's input shape"
-                ) from None
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.training = t
+    for call in order.calls:
+        c = probe.calls.setdefault(call.name, _Call())
+        c.calls += 1
+        if c.start < 0:
+            c.start = call.start
+    for call in sorted((k for k in order.calls if k.end >= 0), key=lambda k: k.end):
+        c = probe.calls[call.name]
+        c.end = call.end
+        c.out4d = call.shape is not None and len(call.shape) == 4
+        m = modules[call.name]
+        track = isinstance(m, nn.Conv2d) or (_is_pool(m) and not list(m.children()))
+        if track and c.out4d:
+            hw = (int(call.shape[-2]), int(call.shape[-1]))
+            if hw != (1, 1):  # global pooling / SE squeeze: not a resolution
+                c.out_hw = hw
+                probe.events.append((call.end, hw))
     return probe
 
 
@@ -275,8 +248,9 @@ def blocks(model: nn.Module, example_inputs=None) -> List[str]:
       pooling entry that only pools the previous stage is dropped, and so is the first
       entry when it is a single-conv stem (it holds at most one conv).
     - any other model (torchvision, Hugging Face ``transformers``, custom): one probe
-      forward pass (eval mode, no grad, modes restored; input ``example_inputs`` or zeros
-      of the model's input size, default ``C x 224 x 224``) flattens the model into
+      forward pass (eval mode, no grad, modes restored; input ``example_inputs`` or a
+      seeded random batch of the model's input size, :func:`~filtersurgery.tracing.probe.example_input`,
+      default ``C x 224 x 224``; the global RNG is not touched) flattens the model into
       stage-level units: called modules, descending into any container that spans more
       than one resolution change and looking through containers that are never called
       themselves (``ModuleList``, ``ModuleDict``, plain holder modules), so stages nested
@@ -300,7 +274,7 @@ def blocks(model: nn.Module, example_inputs=None) -> List[str]:
     names = _blocks_from_feature_info(model)
     if len(names) < 2:
         if example_inputs is None:
-            example_inputs = _default_input(model)
+            example_inputs = example_input(model)
         names = _blocks_from_probe(model, example_inputs)
     if not names:
         raise ValueError(
@@ -360,15 +334,10 @@ def block_sizes(model: nn.Module, example_inputs: torch.Tensor, names: Optional[
     """
     net = unwrap(model)
     names = list(blocks(net, example_inputs) if names is None else names)
-    was_training = net.training
-    net.eval()
-    try:
-        with capture_blocks(net, names) as feats:
-            net(example_inputs)
-            return {n: (tuple(feats[n].shape[-2:]) if torch.is_tensor(feats.get(n)) and feats[n].dim() == 4 else None)
-                    for n in names}
-    finally:
-        net.train(was_training)
+    with eval_mode(net), capture_blocks(net, names) as feats:
+        net(example_inputs)
+        return {n: (tuple(feats[n].shape[-2:]) if torch.is_tensor(feats.get(n)) and feats[n].dim() == 4 else None)
+                for n in names}
 
 
 def spatial_blocks(model: nn.Module, example_inputs: torch.Tensor, min_size: int,

@@ -50,6 +50,7 @@ from filtersurgery.models.factory import build_model
 from filtersurgery.ops.reinit import rescale
 from filtersurgery.ops.ranking import RANKINGS
 from filtersurgery.ops.sparsity import SparsityConfig, lam_for_budget, sparsify
+from filtersurgery.tracing.probe import eval_mode, example_input
 
 METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
 # single-run methods (one entry in metrics.json) and the module that implements each; such a
@@ -292,15 +293,10 @@ def forward_flops(model: nn.Module, data: ImageData, device) -> int:
     """FLOPs of one forward pass of one image (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.zeros(1, data.in_chans, data.size, data.size, device=device)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(x)
-        return int(fc.get_total_flops())
-    finally:
-        model.train(was_training)
+    x = example_input(model, (data.in_chans, data.size, data.size), device=device)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return int(fc.get_total_flops())
 
 
 # --------------------------------------------------------------------------- phases

@@ -45,6 +45,7 @@ from filtersurgery.data.datasets import BatchLoader, ImageData
 from filtersurgery.ops.growth import (GrownNet, LinearHead, frozen_stages, grow, partition, should_grow,
                      train_flops_per_image, window_angles)
 from filtersurgery.engine.trainer import Run, TrainConfig, forward_flops, write_metrics
+from filtersurgery.tracing.probe import example_input
 
 __all__ = ["GrowthConfig", "add_arguments", "run_method", "run_growth", "plan"]
 
@@ -117,11 +118,6 @@ def _lr(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else cfg.scratch_lr
 
 
-def _probe(data: ImageData, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1, data.in_chans, data.size, data.size, generator=g).to(device)
-
-
 def _pack(model: torch.nn.Module, net: GrownNet) -> Dict[str, torch.Tensor]:
     sd = {f"m.{k}": v for k, v in model.state_dict().items()}
     if isinstance(net.head, LinearHead):
@@ -151,7 +147,7 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
             return old
 
     model = run.new_model()
-    part = partition(model, example_inputs=_probe(run.data, dev))
+    part = partition(model, example_inputs=example_input(model, (run.data.in_chans, run.data.size, run.data.size)))
     phases = plan(part.K, gcfg)
     x_tr, y_tr = run.part_xy([0], "train")
     shape = (run.data.in_chans, run.data.size, run.data.size)

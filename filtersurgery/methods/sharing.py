@@ -52,6 +52,7 @@ from filtersurgery.data.datasets import ImageData, check_classes, load_dataset
 from filtersurgery.models.factory import build_model
 from filtersurgery.ops.sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
 from filtersurgery.engine.trainer import STATE_FILE, Phase, Run, TrainConfig, resolve_device, run_phase, write_metrics
+from filtersurgery.tracing.probe import eval_mode, example_input
 
 METHODS = ("sharing", "class-finetune")
 DEFAULT_SHARE = 0.8
@@ -147,17 +148,12 @@ def _finish_step(run: Run, step: int, prog: Dict, out: Path, **info) -> None:
 @torch.no_grad()
 def _outputs(model: nn.Module, x, data: ImageData, device, amp, batch_size: int = 512) -> torch.Tensor:
     """Model outputs (float, CPU) for uint8 images ``x``; the model's modes are restored."""
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
     outs = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb = augment.normalize(x[i:i + batch_size].to(device), data.mean, data.std)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 outs.append(model(xb).float().cpu())
-    finally:
-        for m, t in was:
-            m.training = t
     return torch.cat(outs) if outs else torch.zeros(0, 0)
 
 
@@ -197,8 +193,7 @@ def evaluate_sets(model: nn.Module, runs: List[Run], sets, remapped: bool, data:
 
 
 def _example_batch(data: ImageData, n: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, data.in_chans, data.size, data.size, generator=g).to(device)
+    return example_input(None, (data.in_chans, data.size, data.size), batch=n, device=device)
 
 
 # --------------------------------------------------------------------------- methods

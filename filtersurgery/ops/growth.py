@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from filtersurgery.distill.blockfeats import blocks as find_blocks
+from filtersurgery.tracing.probe import call_order, eval_mode, example_input, preserve_mode
 from filtersurgery.tracing.scaling_map import unwrap
 
 __all__ = [
@@ -158,55 +159,11 @@ class Partition:
         return f"Partition(K={self.K}, {' '.join(parts)}, head[{','.join(self.head_names)}])"
 
 
-def _probe_input(model: nn.Module) -> torch.Tensor:
-    """A fixed random input of the model's own size (first conv's channels; timm input_size, else 224)."""
-    p = next(model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    chans = first.in_channels if first is not None else 3
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    hw = tuple(size[-2:]) if size and len(size) == 3 else (224, 224)
-    g = torch.Generator().manual_seed(0)  # never touches the global RNG
-    return torch.randn(1, chans, *hw, generator=g).to(device=device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in modes.items():
-            m.training = t
-
-
 def _call_order(model: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, Tuple[int, int]], torch.Tensor]:
-    """``name -> (first call index, number of calls)`` of every submodule in one forward pass."""
-    calls: Dict[str, List[int]] = {}
-    counter = [0]
-    handles = []
-
-    def pre(name):
-        def hook(mod, args):
-            c = calls.setdefault(name, [counter[0], 0])
-            c[1] += 1
-            counter[0] += 1
-
-        return hook
-
-    try:
-        for name, m in model.named_modules():
-            if name:
-                handles.append(m.register_forward_pre_hook(pre(name)))
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: (v[0], v[1]) for k, v in calls.items()}, out
+    """``name -> (first call index, number of calls)`` of every submodule in one forward pass, and its output."""
+    with call_order(model, [n for n, _ in model.named_modules() if n]) as order, torch.no_grad():
+        out = model(x)
+    return order.first_calls(), out
 
 
 def _units(model: nn.Module, stage_names: Sequence[str], calls) -> List[Tuple[str, nn.Module]]:
@@ -258,7 +215,7 @@ def partition(model: nn.Module, stage_names: Optional[Sequence[str]] = None,
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    x = example_inputs if example_inputs is not None else _probe_input(model)
+    x = example_inputs if example_inputs is not None else example_input(model)
     try:
         names = list(stage_names) if stage_names is not None else find_blocks(model)
     except ValueError as e:
@@ -269,7 +226,7 @@ def partition(model: nn.Module, stage_names: Optional[Sequence[str]] = None,
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"stage_names: not modules of {type(model).__name__}: {missing[:5]}")
-    with _eval_mode(model):
+    with eval_mode(model):
         calls, ref = _call_order(model, x)
         units = _units(model, names, calls)
         twice = [n for n, _ in units if calls[n][1] != 1]
@@ -396,20 +353,18 @@ def frozen_stages(net: GrownNet, n: int) -> Iterator[GrownNet]:
     if not isinstance(n, int) or not 0 <= n < net.k:
         raise ValueError(f"n: must be an int in [0, {net.k - 1}] (leave at least one stage to train), got {n!r}")
     params = [p for s in net.stages[:n] for p in s.parameters() if p.requires_grad]
-    modes = {m: m.training for m in net.modules()}
     old = net.frozen
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        net.frozen = n
-        net.train(net.training)
-        yield net
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        net.frozen = old
-        for m, t in modes.items():
-            m.training = t
+    with preserve_mode(net):
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            net.frozen = n
+            net.train(net.training)
+            yield net
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+            net.frozen = old
 
 
 def train_flops_per_image(net: nn.Module, input_shape: Sequence[int], batch: int = 2) -> int:
@@ -433,8 +388,7 @@ def train_flops_per_image(net: nn.Module, input_shape: Sequence[int], batch: int
     device = p.device if p is not None else torch.device("cpu")
     twin = copy.deepcopy(net)
     twin.train()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=g).to(device)
+    x = example_input(twin, shape, batch=batch, device=device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as fc:
         out = twin(x)

@@ -40,13 +40,12 @@ parameters (``share=0``: nothing shared, ``share=1``: everything but the classif
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import os
 import time
 import types
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -54,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from filtersurgery.tracing import probe
 from filtersurgery.tracing.scaling_map import unwrap
-from filtersurgery.tracing.tracer import default_input_size
 
 __all__ = [
     "SharePlan", "plan_share", "share", "share_plan", "is_pinned", "branch_state_dict", "load_branch",
@@ -96,28 +95,10 @@ class SharePlan:
                 f"{100 * self.shared_fraction:.1f}% of conv params, cut at {self.cut!r}, classifier {self.classifier!r})")
 
 
-@contextmanager
-def _modes_saved(net: nn.Module) -> Iterator[None]:
-    """Restore every module's ``training`` flag exactly (no ``train()`` calls: pins untouched)."""
-    saved = [(m, m.training) for m in net.modules()]
-    try:
-        yield
-    finally:
-        for m, t in saved:
-            m.training = t
-
-
-def _model_device_dtype(net: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    for t in itertools.chain(net.parameters(), net.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _example(net: nn.Module, example_inputs) -> tuple:
     if example_inputs is None:
-        dev, dt = _model_device_dtype(net)
-        return (torch.randn(1, *default_input_size(net), device=dev, dtype=dt),)
+        # the global RNG, as always: share() draws the new head right after, which must stay the same
+        return (probe.example_input(net, generator=None),)
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
@@ -126,25 +107,14 @@ def call_order(model: nn.Module, example_inputs=None) -> Tuple[Dict[str, List[in
 
     ``starts[name]`` / ``ends[name]`` list, per call of module ``name``, the positions of its
     forward pre-hook and forward hook in one global event sequence. Modes and values of the
-    model are left as they were (no gradient, eval mode, restored afterwards).
+    model are left as they were (no gradient, eval mode, restored afterwards). The default
+    input (:func:`~filtersurgery.tracing.probe.default_input_size`) is drawn from the global RNG.
     """
     net = unwrap(model)
     inputs = _example(net, example_inputs)
-    counter = itertools.count()
-    starts: Dict[str, List[int]] = {}
-    ends: Dict[str, List[int]] = {}
-    handles = []
-    for name, m in net.named_modules():
-        handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: starts.setdefault(n, []).append(next(counter))))
-        handles.append(m.register_forward_hook(lambda mod, a, o, n=name: ends.setdefault(n, []).append(next(counter))))
-    try:
-        with _modes_saved(net), torch.no_grad():
-            net.eval()
-            net(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return starts, ends
+    with probe.call_order(net) as order, probe.eval_mode(net), torch.no_grad():
+        net(*inputs)
+    return order.starts(), order.ends()
 
 
 def _classifier_name(net: nn.Module, starts: Dict[str, List[int]]) -> str:
@@ -541,8 +511,7 @@ def _output_width(net: nn.Module, x1: torch.Tensor) -> int:
     a small image) cannot normalize a single value per channel. Every module's mode is
     restored afterwards.
     """
-    with _modes_saved(net), torch.no_grad():
-        net.eval()
+    with probe.eval_mode(net), torch.no_grad():
         return int(net(x1).shape[1])
 
 

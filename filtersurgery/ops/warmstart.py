@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from filtersurgery.ops.ranking import _first_nonfinite, _nonfinite_message
+from filtersurgery.tracing.probe import eval_mode
 from filtersurgery.tracing.scaling_map import ScalingMap, unwrap
 
 __all__ = [
@@ -149,11 +150,6 @@ def _is_norm(m: nn.Module) -> bool:
     return norm_kind(m) is not None
 
 
-def _restore_modes(modes: Dict[nn.Module, bool]) -> None:
-    for m, flag in modes.items():
-        m.training = flag
-
-
 # --------------------------------------------------------------------------- Shrink & Perturb
 @dataclass
 class ShrinkPerturbReport:
@@ -222,6 +218,44 @@ def _fresh_from_reset(net: nn.Module, selected: Dict[str, nn.Parameter]) -> Tupl
     return fresh, missing
 
 
+def _sp_selected(net: nn.Module, norms: bool, prefixes: Tuple[str, ...]) -> Tuple[Dict[str, nn.Parameter], List[str]]:
+    """``(selected, skipped)``: the parameters Shrink & Perturb changes, and the frozen / excluded ones it leaves."""
+    norm_params = set()
+    if not norms:
+        for mname, m in net.named_modules():
+            if _is_norm(m):
+                norm_params.update(f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=False))
+    selected: Dict[str, nn.Parameter] = {}
+    skipped: List[str] = []
+    for name, p in net.named_parameters():
+        if not p.requires_grad or _excluded(name, prefixes) or name in norm_params:
+            skipped.append(name)
+        else:
+            selected[name] = p
+    return selected, skipped
+
+
+def _fresh_from_init(init, selected: Dict[str, nn.Parameter]) -> Dict[str, torch.Tensor]:
+    """``{name: theta_init}`` from ``init`` (a fresh model, or a callable returning one), matched by name."""
+    init_net = init if isinstance(init, nn.Module) else None
+    if init_net is None:
+        if not callable(init):
+            raise ValueError(f"init: must be None, an nn.Module or a callable returning one, got {type(init).__name__}")
+        init_net = init()
+    init_net = _as_module(init_net, "init")
+    theirs = dict(init_net.named_parameters())
+    fresh: Dict[str, torch.Tensor] = {}
+    for name, p in selected.items():
+        q = theirs.get(name)
+        if q is None:
+            raise ValueError(f"init: has no parameter {name!r}; pass a fresh model of the same architecture")
+        if q.shape != p.shape:
+            raise ValueError(f"init: parameter {name!r} has shape {tuple(q.shape)}, the model's is {tuple(p.shape)}")
+        fresh[name] = q.detach()
+    _check_finite_named(list(fresh.items()), "init", "weight", "pass a finite fresh initialization")
+    return fresh
+
+
 @torch.no_grad()
 def shrink_perturb(
     model: nn.Module,
@@ -268,18 +302,7 @@ def shrink_perturb(
     prefixes = _prefixes(exclude)
     net = _as_module(model)
 
-    norm_params = set()
-    if not norms:
-        for mname, m in net.named_modules():
-            if _is_norm(m):
-                norm_params.update(f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=False))
-    selected: Dict[str, nn.Parameter] = {}
-    skipped: List[str] = []
-    for name, p in net.named_parameters():
-        if not p.requires_grad or _excluded(name, prefixes) or name in norm_params:
-            skipped.append(name)
-        else:
-            selected[name] = p
+    selected, skipped = _sp_selected(net, norms, prefixes)
     _check_finite_named([(n, p.detach()) for n, p in selected.items()], "model", "weight")
 
     report = ShrinkPerturbReport(shrink=shrink, noise=noise, source="reset_parameters" if init is None else "init",
@@ -290,21 +313,7 @@ def shrink_perturb(
             if init is None:
                 fresh, report.no_init = _fresh_from_reset(net, selected)
             else:
-                init_net = init if isinstance(init, nn.Module) else None
-                if init_net is None:
-                    if not callable(init):
-                        raise ValueError(f"init: must be None, an nn.Module or a callable returning one, got {type(init).__name__}")
-                    init_net = init()
-                init_net = _as_module(init_net, "init")
-                theirs = dict(init_net.named_parameters())
-                for name, p in selected.items():
-                    q = theirs.get(name)
-                    if q is None:
-                        raise ValueError(f"init: has no parameter {name!r}; pass a fresh model of the same architecture")
-                    if q.shape != p.shape:
-                        raise ValueError(f"init: parameter {name!r} has shape {tuple(q.shape)}, the model's is {tuple(p.shape)}")
-                    fresh[name] = q.detach()
-                _check_finite_named(list(fresh.items()), "init", "weight", "pass a finite fresh initialization")
+                fresh = _fresh_from_init(init, selected)
 
     for name, p in selected.items():
         p.mul_(shrink)
@@ -436,6 +445,31 @@ def dash(
     touched. NaN/Inf weights or gradients raise a one-line ValueError before any change.
     """
     lam, alpha = _check_lam(lam), _check_alpha(alpha)
+    _check_dash_args(granularity, max_batches, loss_fn, transform, loader)
+    prefixes = _prefixes(exclude)
+    net = _as_module(model)
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y))
+    weights, biases = _dash_params(net, bias, prefixes)
+    params = {**weights, **biases}
+    _check_finite_named([(n, p.detach()) for n, p in params.items()], "model", "weight")
+
+    names, plist = list(params), list(params.values())
+    report = DashReport(lam=lam, alpha=alpha, granularity=granularity)
+    acc, used = _dash_gradient(net, loader, loss_fn, plist, report, transform, amp, max_batches)
+    if report.batches == 0:
+        raise ValueError("loader: yielded no batches; DASH needs at least one (inputs, targets) batch of the new data")
+    total = _all_reduce(acc, report.samples)
+    if alpha is None:
+        for a in acc:
+            a.div_(total)
+    _check_finite_named([(n, a) for n, a, u in zip(names, acc, used) if u], "loader", "gradient value",
+                        "the loss on the new data is not finite: check the data, the loss and the model")
+    _dash_shrink(report, zip(names, plist, acc, used), weights)
+    return report
+
+
+def _check_dash_args(granularity: str, max_batches, loss_fn, transform, loader) -> None:
+    """One-line ValueErrors for :func:`dash`'s arguments other than ``lam`` and ``alpha``."""
     _check_choice("granularity", granularity, _GRANULARITIES)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches: must be None or an integer >= 1, got {max_batches!r}")
@@ -445,10 +479,10 @@ def dash(
         raise ValueError(f"transform: must be None or a callable, got {type(transform).__name__}")
     if loader is None or not hasattr(loader, "__iter__"):
         raise ValueError(f"loader: must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
-    prefixes = _prefixes(exclude)
-    net = _as_module(model)
-    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y))
 
+
+def _dash_params(net: nn.Module, bias: bool, prefixes: Tuple[str, ...]) -> Tuple[Dict[str, nn.Parameter], Dict[str, nn.Parameter]]:
+    """``(weights, biases)``: the trainable, not excluded conv / linear weights (and biases) DASH shrinks."""
     weights: Dict[str, nn.Parameter] = {}
     biases: Dict[str, nn.Parameter] = {}
     for mname, m in net.named_modules():
@@ -464,72 +498,68 @@ def dash(
             biases[bname] = b
     if not weights:
         raise ValueError(f"model: {type(net).__name__} has no trainable Conv1d/2d/3d or Linear weight for DASH to shrink")
-    params = {**weights, **biases}
-    _check_finite_named([(n, p.detach()) for n, p in params.items()], "model", "weight")
+    return weights, biases
 
-    names, plist = list(params), list(params.values())
+
+def _dash_gradient(net: nn.Module, loader: Iterable, loss_fn, plist: List[nn.Parameter], report: DashReport,
+                   transform, amp, max_batches) -> Tuple[List[torch.Tensor], List[bool]]:
+    """``(G per parameter, float32; whether it got a gradient)``: ``-grad`` of the loss over ``loader``.
+
+    The mean over samples (``report.alpha`` None, not yet divided by the sample count) or
+    the running average of the authors' code. Every module in eval mode, flags restored.
+    ``report.batches`` / ``report.samples`` count what was used.
+    """
+    alpha = report.alpha
     acc = [torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format) for p in plist]
     try:
         device = next(net.parameters()).device
-    except StopIteration:  # pragma: no cover - weights is non-empty
+    except StopIteration:  # pragma: no cover - there is a weight
         device = torch.device("cpu")
-    report = DashReport(lam=lam, alpha=alpha, granularity=granularity)
     used = [False] * len(plist)
-    modes = {m: m.training for m in net.modules()}
-    net.eval()
-    try:
-        with torch.enable_grad():
-            for batch in loader:
-                if max_batches is not None and report.batches >= max_batches:
-                    break
-                x, y = _batch_pair(batch)
-                if isinstance(x, torch.Tensor):
-                    x = x.to(device, non_blocking=True)
-                if isinstance(y, torch.Tensor):
-                    y = y.to(device, non_blocking=True)
-                if transform is not None:
-                    x = transform(x)
-                n = int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() > 0 else int(x.shape[0])
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = net(x)
-                loss = loss_fn(out, y)
-                grads = torch.autograd.grad(loss, plist, allow_unused=True)
-                for i, g in enumerate(grads):
-                    if g is None:
-                        continue
-                    used[i] = True
-                    if alpha is None:
-                        acc[i].add_(g.float(), alpha=-float(n))
-                    else:
-                        acc[i].mul_(1.0 - alpha).add_(g.float(), alpha=-alpha)
-                report.batches += 1
-                report.samples += n
-    finally:
-        _restore_modes(modes)
-    if report.batches == 0:
-        raise ValueError("loader: yielded no batches; DASH needs at least one (inputs, targets) batch of the new data")
-    total = _all_reduce(acc, report.samples)
-    if alpha is None:
-        for a in acc:
-            a.div_(total)
-    _check_finite_named([(n, a) for n, a, u in zip(names, acc, used) if u], "loader", "gradient value",
-                        "the loss on the new data is not finite: check the data, the loss and the model")
+    with eval_mode(net), torch.enable_grad():
+        for batch in loader:
+            if max_batches is not None and report.batches >= max_batches:
+                break
+            x, y = _batch_pair(batch)
+            if isinstance(x, torch.Tensor):
+                x = x.to(device, non_blocking=True)
+            if isinstance(y, torch.Tensor):
+                y = y.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            n = int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() > 0 else int(x.shape[0])
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = net(x)
+            grads = torch.autograd.grad(loss_fn(out, y), plist, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                used[i] = True
+                if alpha is None:
+                    acc[i].add_(g.float(), alpha=-float(n))
+                else:
+                    acc[i].mul_(1.0 - alpha).add_(g.float(), alpha=-alpha)
+            report.batches += 1
+            report.samples += n
+    return acc, used
 
-    with torch.no_grad():
-        for name, p, g, u in zip(names, plist, acc, used):
-            if not u:
-                report.unused.append(name)
-                continue
-            if name in weights:
-                f = _unit_factors(p, g, lam, granularity)
-                p.mul_(f.view(*f.shape, *([1] * (p.dim() - f.dim()))).to(p.dtype))
-                report.factors[name] = f.cpu()
-            else:
-                cos = F.cosine_similarity(p.detach().float().flatten(), g.flatten(), dim=0)
-                f = cos.clamp(min=lam, max=1.0)
-                p.mul_(f.to(p.dtype))
-                report.bias_factors[name] = float(f)
-    return report
+
+@torch.no_grad()
+def _dash_shrink(report: DashReport, items, weights: Dict[str, nn.Parameter]) -> None:
+    """Shrink each ``(name, parameter, G, used)`` of ``items`` by its unit factors, recorded in ``report``."""
+    for name, p, g, u in items:
+        if not u:
+            report.unused.append(name)
+            continue
+        if name in weights:
+            f = _unit_factors(p, g, report.lam, report.granularity)
+            p.mul_(f.view(*f.shape, *([1] * (p.dim() - f.dim()))).to(p.dtype))
+            report.factors[name] = f.cpu()
+        else:
+            cos = F.cosine_similarity(p.detach().float().flatten(), g.flatten(), dim=0)
+            f = cos.clamp(min=report.lam, max=1.0)
+            p.mul_(f.to(p.dtype))
+            report.bias_factors[name] = float(f)
 
 
 def _all_reduce(acc: List[torch.Tensor], samples: int) -> float:

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from filtersurgery.tracing.probe import default_input_size, device_dtype, example_input, preserve_mode, reduced_input_size
 from filtersurgery.tracing.scaling_map import CHANNEL_LAST_KINDS, ConvEntry, NormRef, ScalingMap, unwrap
 
 __all__ = ["trace", "default_input_size", "reduced_input_size", "norm_kind", "REASONS"]
@@ -115,53 +116,6 @@ def _norm_info(name: str, m: nn.Module) -> _Norm:
 
 
 # ----------------------------------------------------------------------- inputs
-def _first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
-    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """``(C, H, W)`` the model expects: timm ``pretrained_cfg['input_size']`` else 3x224x224.
-
-    ``C`` is the first conv's ``in_channels`` (so ``in_chans`` is respected, and so is a
-    replaced stem conv), except behind a space-to-depth stem (TResNet): when that is
-    ``in_chans * k*k`` (k >= 2) for the model's ``in_chans`` attribute (timm sets it), ``C``
-    is ``in_chans``.
-    """
-    model = unwrap(model)
-    size = None
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            size = tuple(int(s) for s in cfg["input_size"])
-            break
-    c, h, w = size if size and len(size) == 3 else (3, 224, 224)
-    conv = _first_conv(model)
-    if conv is not None:
-        c = conv.in_channels
-        in_chans = getattr(model, "in_chans", None)
-        if isinstance(in_chans, int) and 0 < in_chans < c and c % in_chans == 0:
-            k = math.isqrt(c // in_chans)
-            if k >= 2 and k * k * in_chans == c:
-                c = in_chans
-    return c, h, w
-
-
-def reduced_input_size(size: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    """Smaller spatial size used when the caller gave no input (same map, ~10x faster)."""
-    c, h, w = size
-    s = max(64, math.ceil(min(h, w) * 2 / 7))
-    if s >= min(h, w):
-        return size
-    return c, max(s, round(h * s / min(h, w))), max(s, round(w * s / min(h, w)))
-
-
-def _model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _as_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -192,23 +146,21 @@ def _preserved(model: nn.Module, real: bool, train_non_norm: bool) -> Iterator[N
     parameter and, when non-norm modules run in train mode, restores buffers bit-exactly.
     Norms always run in eval mode, so BN running statistics never move.
     """
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()] if real else []
     bufs = [(b, b.detach().clone()) for b in model.buffers()] if real and train_non_norm else []
-    try:
-        for p, _ in flags:
-            if p.is_floating_point() or p.is_complex():
-                p.requires_grad_(True)
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-        for p, f in flags:
-            p.requires_grad_(f)
-        with torch.no_grad():
-            for b, v in bufs:
-                if not torch.equal(b, v):
-                    b.copy_(v)
+    with preserve_mode(model):
+        try:
+            for p, _ in flags:
+                if p.is_floating_point() or p.is_complex():
+                    p.requires_grad_(True)
+            yield
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+            with torch.no_grad():
+                for b, v in bufs:
+                    if not torch.equal(b, v):
+                        b.copy_(v)
 
 
 def _set_modes(model: nn.Module, train_non_norm: bool) -> None:
@@ -411,122 +363,183 @@ def _reshape(fn, op, sh, cdim, off) -> _Step:
 
 def _transfer(fn, i: int, sh: Tuple[int, ...], cdim: int, off: int, n_chan: int, conv_fns, norm_of_fn) -> _Step:
     """Push channels ``[off, off + n_chan)`` on dim ``cdim`` of input ``i`` through op ``fn``."""
-    op = _op(fn)
-    nd = len(sh)
     if fn in conv_fns:  # a conv module application
-        m = conv_fns[fn]
-        if i == 0 and cdim == 1 and m.groups == m.in_channels == m.out_channels:
-            return _Step(outs=[(0, 1, off)])  # depthwise conv: channel c -> channel c
-        return _Step(stop=f"mix:{type(m).__name__}" + ("(grouped)" if m.groups > 1 else ""))
-    if op in _POINTWISE or op == "Expand" or op == "ExpandAs":
-        if op.startswith("Expand"):
-            out = _shape(fn, 0)
-            k = len(out) - nd if out else -1
-            if out is None or k < 0 or out[cdim + k] != sh[cdim]:
-                return _Step(stop=f"unsupported:{op}")
-            return _Step(outs=[(0, cdim + k, off)])
-        return _pointwise(fn, op, sh, cdim, off, n_chan)
-    if op in _SPATIAL:
-        out = _shape(fn, 0)
-        if cdim == 1 and out is not None and len(out) == nd and out[1] == sh[1]:
-            return _Step(outs=[(0, 1, off)])
+        return _through_conv(conv_fns[fn], i, cdim, off)
+    op = _op(fn)
+    rule = _TRANSFERS.get(op)
+    if rule is None:
         return _Step(stop=f"unsupported:{op}")
-    if op == "ConstantPadNd":
-        pad = list(getattr(fn, "_saved_pad", []))
-        out = _shape(fn, 0)
-        j = nd - 1 - cdim  # pads are given from the last dim backwards
-        left = pad[2 * j] if 2 * j + 1 < len(pad) else 0
-        if out is None:
-            return _Step(stop=f"unsupported:{op}")
-        return _Step(outs=[(0, cdim, off + int(left))])
-    if op in _REDUCE:
-        d = getattr(fn, "_saved_dim", None)
-        keep = bool(getattr(fn, "_saved_keepdim", False))
-        if d is None or (isinstance(d, (tuple, list)) and len(d) == 0):
-            return _Step(stop=f"mix:{op}")
-        dims = _dims(d, nd)
-        if cdim in dims:
-            return _Step(stop=f"mix:{op}(channels)")
-        out = _shape(fn, 0)
-        ncd = cdim if keep else cdim - sum(1 for x in dims if x < cdim)
-        if out is None or ncd >= len(out) or out[ncd] != sh[cdim]:
-            return _Step(stop=f"unsupported:{op}")
-        return _Step(outs=[(0, ncd, off)])
-    if op == "Permute":
-        dims = [int(x) % nd for x in fn._saved_dims]
-        return _Step(outs=[(0, dims.index(cdim), off)])
-    if op == "Transpose":
-        a, b = int(fn._saved_dim0) % nd, int(fn._saved_dim1) % nd
-        return _Step(outs=[(0, b if cdim == a else a if cdim == b else cdim, off)])
-    if op in _RESHAPE:
-        return _reshape(fn, op, sh, cdim, off)
-    if op == "AsStrided":  # adaptive pooling to 1x1 re-strides its output: accept pure re-layouts
-        out = _shape(fn, 0)
-        stride = getattr(fn, "_saved_stride", None)
-        if out == sh and not getattr(fn, "_saved_storage_offset", None) and stride is not None:
-            if all(s == 1 or st == math.prod(out[d + 1 :]) for d, (s, st) in enumerate(zip(out, stride))):
-                return _Step(outs=[(0, cdim, off)])
+    return rule(fn, op, i, sh, cdim, off, n_chan)
+
+
+def _through_conv(m: nn.Module, i: int, cdim: int, off: int) -> _Step:
+    """A conv: a depthwise conv maps channel c to channel c; any other conv mixes channels."""
+    if i == 0 and cdim == 1 and m.groups == m.in_channels == m.out_channels:
+        return _Step(outs=[(0, 1, off)])  # depthwise conv: channel c -> channel c
+    return _Step(stop=f"mix:{type(m).__name__}" + ("(grouped)" if m.groups > 1 else ""))
+
+
+# One rule per op family below: ``rule(fn, op, i, sh, cdim, off, n_chan) -> _Step`` (see _transfer).
+def _t_pointwise(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    return _pointwise(fn, op, sh, cdim, off, n_chan)
+
+
+def _t_expand(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    out = _shape(fn, 0)
+    k = len(out) - len(sh) if out else -1
+    if out is None or k < 0 or out[cdim + k] != sh[cdim]:
         return _Step(stop=f"unsupported:{op}")
-    if op == "Repeat":
-        out = _shape(fn, 0)
-        if out is not None and out[len(out) - nd + cdim] == sh[cdim]:
-            return _Step(outs=[(0, len(out) - nd + cdim, off)])
-        return _Step(stop=f"unsupported:{op}")
-    if op == "Cat":
-        out = _shape(fn, 0)
-        d = int(getattr(fn, "_saved_dim", 0)) % len(out)
-        if d != cdim:
-            return _Step(outs=[(0, cdim, off)])
-        before = 0
-        for f, nr in fn.next_functions[:i]:
-            s = _shape(f, nr) if f is not None else None
-            if s is None:
-                return _Step(stop="unsupported:Cat(constant input)")
-            before += s[d]
-        return _Step(outs=[(0, cdim, off + before)])
-    if op == "Stack":
-        d = int(fn._saved_dim) % (nd + 1)
-        return _Step(outs=[(0, cdim + 1 if d <= cdim else cdim, off)])
-    if op in ("Split", "SplitWithSizes", "Unbind"):
-        d = int(fn._saved_dim) % nd
-        n_out = len(fn._input_metadata)
-        if op == "Unbind":
-            if d == cdim:
-                return _Step(stop="unsupported:Unbind(channels)")
-            return _Step(outs=[(k, cdim - (1 if d < cdim else 0), off) for k in range(n_out)])
-        if d != cdim:
-            return _Step(outs=[(k, cdim, off) for k in range(n_out)])
-        sizes = [_shape(fn, k)[d] for k in range(n_out)]
-        return _pieces(op, sizes, off, n_chan, cdim)
-    if op == "Slice":
-        d = int(fn._saved_dim) % nd
-        if d != cdim:
-            return _Step(outs=[(0, cdim, off)])
-        start, end, step = fn._saved_start, fn._saved_end, fn._saved_step
-        start = 0 if start is None else int(start)
-        start = start + sh[d] if start < 0 else start
-        end = sh[d] if end is None or end > sh[d] else int(end)
-        end = end + sh[d] if end < 0 else end
-        if step != 1:
-            return _Step(stop="unsupported:Slice(step)")
-        return _pieces(op, [start, end - start], off, n_chan, cdim, keep=[1])
-    if op in ("Select", "IndexSelect", "Index", "Gather", "Narrow"):
-        d = getattr(fn, "_saved_dim", None)
-        if op in ("Select", "IndexSelect", "Gather") and d is not None and int(d) % nd != cdim:
-            ncd = cdim - (1 if op == "Select" and int(d) % nd < cdim else 0)
-            return _Step(outs=[(0, ncd, off)])
-        return _Step(stop=f"unsupported:{op}")
-    if op in ("Softmax", "LogSoftmax"):
-        d = int(fn._saved_dim) % nd
-        return _Step(stop=f"mix:{op}(channels)") if d == cdim else _Step(outs=[(0, cdim, off)])
-    if op in ("Roll", "Flip"):
-        d = getattr(fn, "_saved_dims", None) or getattr(fn, "_saved_dim", None)
-        if d is not None and cdim not in _dims(d, nd):
-            return _Step(outs=[(0, cdim, off)])
-        return _Step(stop=f"unsupported:{op}")
-    if op in _MIX:
-        return _Step(stop=f"mix:{op}")
+    return _Step(outs=[(0, cdim + k, off)])
+
+
+def _t_spatial(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    out = _shape(fn, 0)
+    if cdim == 1 and out is not None and len(out) == len(sh) and out[1] == sh[1]:
+        return _Step(outs=[(0, 1, off)])
     return _Step(stop=f"unsupported:{op}")
+
+
+def _t_pad(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    pad = list(getattr(fn, "_saved_pad", []))
+    out = _shape(fn, 0)
+    j = len(sh) - 1 - cdim  # pads are given from the last dim backwards
+    left = pad[2 * j] if 2 * j + 1 < len(pad) else 0
+    if out is None:
+        return _Step(stop=f"unsupported:{op}")
+    return _Step(outs=[(0, cdim, off + int(left))])
+
+
+def _t_reduce(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = getattr(fn, "_saved_dim", None)
+    keep = bool(getattr(fn, "_saved_keepdim", False))
+    if d is None or (isinstance(d, (tuple, list)) and len(d) == 0):
+        return _Step(stop=f"mix:{op}")
+    dims = _dims(d, len(sh))
+    if cdim in dims:
+        return _Step(stop=f"mix:{op}(channels)")
+    out = _shape(fn, 0)
+    ncd = cdim if keep else cdim - sum(1 for x in dims if x < cdim)
+    if out is None or ncd >= len(out) or out[ncd] != sh[cdim]:
+        return _Step(stop=f"unsupported:{op}")
+    return _Step(outs=[(0, ncd, off)])
+
+
+def _t_permute(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    dims = [int(x) % len(sh) for x in fn._saved_dims]
+    return _Step(outs=[(0, dims.index(cdim), off)])
+
+
+def _t_transpose(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    a, b = int(fn._saved_dim0) % len(sh), int(fn._saved_dim1) % len(sh)
+    return _Step(outs=[(0, b if cdim == a else a if cdim == b else cdim, off)])
+
+
+def _t_reshape(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    return _reshape(fn, op, sh, cdim, off)
+
+
+def _t_as_strided(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    """Adaptive pooling to 1x1 re-strides its output: accept pure re-layouts."""
+    out = _shape(fn, 0)
+    stride = getattr(fn, "_saved_stride", None)
+    if out == sh and not getattr(fn, "_saved_storage_offset", None) and stride is not None:
+        if all(s == 1 or st == math.prod(out[d + 1 :]) for d, (s, st) in enumerate(zip(out, stride))):
+            return _Step(outs=[(0, cdim, off)])
+    return _Step(stop=f"unsupported:{op}")
+
+
+def _t_repeat(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    out = _shape(fn, 0)
+    if out is not None and out[len(out) - len(sh) + cdim] == sh[cdim]:
+        return _Step(outs=[(0, len(out) - len(sh) + cdim, off)])
+    return _Step(stop=f"unsupported:{op}")
+
+
+def _t_cat(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    out = _shape(fn, 0)
+    d = int(getattr(fn, "_saved_dim", 0)) % len(out)
+    if d != cdim:
+        return _Step(outs=[(0, cdim, off)])
+    before = 0
+    for f, nr in fn.next_functions[:i]:
+        s = _shape(f, nr) if f is not None else None
+        if s is None:
+            return _Step(stop="unsupported:Cat(constant input)")
+        before += s[d]
+    return _Step(outs=[(0, cdim, off + before)])
+
+
+def _t_stack(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = int(fn._saved_dim) % (len(sh) + 1)
+    return _Step(outs=[(0, cdim + 1 if d <= cdim else cdim, off)])
+
+
+def _t_split(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = int(fn._saved_dim) % len(sh)
+    n_out = len(fn._input_metadata)
+    if op == "Unbind":
+        if d == cdim:
+            return _Step(stop="unsupported:Unbind(channels)")
+        return _Step(outs=[(k, cdim - (1 if d < cdim else 0), off) for k in range(n_out)])
+    if d != cdim:
+        return _Step(outs=[(k, cdim, off) for k in range(n_out)])
+    sizes = [_shape(fn, k)[d] for k in range(n_out)]
+    return _pieces(op, sizes, off, n_chan, cdim)
+
+
+def _t_slice(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = int(fn._saved_dim) % len(sh)
+    if d != cdim:
+        return _Step(outs=[(0, cdim, off)])
+    start, end, step = fn._saved_start, fn._saved_end, fn._saved_step
+    start = 0 if start is None else int(start)
+    start = start + sh[d] if start < 0 else start
+    end = sh[d] if end is None or end > sh[d] else int(end)
+    end = end + sh[d] if end < 0 else end
+    if step != 1:
+        return _Step(stop="unsupported:Slice(step)")
+    return _pieces(op, [start, end - start], off, n_chan, cdim, keep=[1])
+
+
+def _t_select(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = getattr(fn, "_saved_dim", None)
+    nd = len(sh)
+    if op in ("Select", "IndexSelect", "Gather") and d is not None and int(d) % nd != cdim:
+        ncd = cdim - (1 if op == "Select" and int(d) % nd < cdim else 0)
+        return _Step(outs=[(0, ncd, off)])
+    return _Step(stop=f"unsupported:{op}")
+
+
+def _t_softmax(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = int(fn._saved_dim) % len(sh)
+    return _Step(stop=f"mix:{op}(channels)") if d == cdim else _Step(outs=[(0, cdim, off)])
+
+
+def _t_roll(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    d = getattr(fn, "_saved_dims", None) or getattr(fn, "_saved_dim", None)
+    if d is not None and cdim not in _dims(d, len(sh)):
+        return _Step(outs=[(0, cdim, off)])
+    return _Step(stop=f"unsupported:{op}")
+
+
+def _t_mix(fn, op, i, sh, cdim, off, n_chan) -> _Step:
+    return _Step(stop=f"mix:{op}")
+
+
+# op name -> its rule; an op in no family is unsupported
+_TRANSFERS = {
+    op: rule
+    for ops, rule in (
+        (_POINTWISE, _t_pointwise), (("Expand", "ExpandAs"), _t_expand), (_SPATIAL, _t_spatial),
+        (("ConstantPadNd",), _t_pad), (_REDUCE, _t_reduce), (("Permute",), _t_permute),
+        (("Transpose",), _t_transpose), (_RESHAPE, _t_reshape), (("AsStrided",), _t_as_strided),
+        (("Repeat",), _t_repeat), (("Cat",), _t_cat), (("Stack",), _t_stack),
+        (("Split", "SplitWithSizes", "Unbind"), _t_split), (("Slice",), _t_slice),
+        (("Select", "IndexSelect", "Index", "Gather", "Narrow"), _t_select),
+        (("Softmax", "LogSoftmax"), _t_softmax), (("Roll", "Flip"), _t_roll), (_MIX, _t_mix),
+    )
+    for op in ops
+}
 
 
 def _pieces(op, sizes, off, n_chan, cdim, keep=None) -> _Step:
@@ -769,11 +782,32 @@ def trace(model: nn.Module, example_inputs=None) -> ScalingMap:
         name_of.setdefault(m, n)
     norms = {m: _norm_info(name_of[m], m) for m in name_of if norm_kind(m) is not None}
     convs = [(name_of[m], m) for m in name_of if isinstance(m, nn.Conv2d)]
-    expected = default_input_size(net)
-    device, dtype = _model_device_dtype(net)
+    graphs, size = _trace_graphs(net, example_inputs, norms, convs)
+    results: Dict[nn.Module, Tuple[_WalkResult, _Graph, List[object]]] = {}
+    for name, m in convs:
+        for g, c in graphs:
+            if m in c.conv_runs:
+                results[m] = (g.walk(c.conv_runs[m], m.out_channels), g, c.conv_runs[m])
+                break
+    gates = _se_gates(results)
+    order = {nm: k for k, (nm, _) in enumerate(named)}
+    entries = {name: _entry(name, m, results.get(m), m in gates, bool(norms), order) for name, m in convs}
+    kinds = {n.name: n.kind for n in norms.values() if n.reason is None}
+    sm = ScalingMap(net, entries, kinds)
+    sm.input_size = size
+    sm.trace_seconds = time.perf_counter() - t0
+    return sm
 
+
+def _trace_graphs(net: nn.Module, example_inputs, norms: Dict[nn.Module, _Norm], convs) -> Tuple[list, Optional[tuple]]:
+    """``([(graph, capture), ...], input size used)``: the eval-mode trace, plus a second trace
+    with non-norm modules in train mode when some conv did not run (train-only auxiliary heads)."""
+    expected = default_input_size(net)
+    device, dtype = device_dtype(net)
+    given = None
     if example_inputs is None:
-        inputs_for = lambda sz: (torch.randn(1, *sz, device=device, dtype=dtype),)  # noqa: E731
+        # drawn from the global RNG of the model's device, as always: a caller's later draws stay the same
+        inputs_for = lambda sz: (example_input(net, sz, generator=None, device=device, dtype=dtype),)  # noqa: E731
     else:
         given = _as_inputs(example_inputs)
         _check_shape(net, given, expected)
@@ -787,53 +821,45 @@ def trace(model: nn.Module, example_inputs=None) -> ScalingMap:
         size = tuple(given[0].shape[1:]) if isinstance(given[0], torch.Tensor) else None
     graphs = [(graph, cap)]
     if any(m not in cap.conv_runs for _, m in convs):
-        # train-only branches (auxiliary heads): a second trace with non-norm modules in train mode
         try:
             graphs.append(_map_any(net, inputs_for, attempts, norms, True)[0])
         except _TRACE_ERRORS:
             pass
+    return graphs, size
 
-    has_norms = bool(norms)
-    entries: Dict[str, ConvEntry] = {}
-    results: Dict[nn.Module, Tuple[_WalkResult, _Graph, List[object]]] = {}
-    for name, m in convs:
-        for g, c in graphs:
-            if m in c.conv_runs:
-                results[m] = (g.walk(c.conv_runs[m], m.out_channels), g, c.conv_runs[m])
-                break
-    # SE gates: the walk multiplies into a feature map; their reduce convs feed only gates
+
+def _se_gates(results) -> Set[nn.Module]:
+    """SE gates: convs whose walk multiplies into a feature map, and the reduce convs that feed only gates."""
     gates = {m for m, (r, _, _) in results.items() if r.gate and not any(n.reason is None for n, *_ in r.hits)}
     for _ in range(2):
         gates |= {
             m for m, (r, _, _) in results.items()
             if not r.hits and r.mixers and r.mixers <= gates and not any(s.startswith("unsupported") for s in r.stops)
         }
-    for name, m in convs:
-        e = ConvEntry(name=name, out_channels=m.out_channels, groups=m.groups)
-        if m not in results:
-            e.reason = REASONS["not_run"]
-        else:
-            r, g, fns = results[m]
-            affine = [h for h in r.hits if h[0].reason is None]
-            if r.cuts and affine and _uncovered(affine, m.out_channels):
-                # pieces of the filters reach no norm: report the conv rather than half-map it
-                affine = []
-                r.stops |= {f"unsupported:{cut}" for cut in r.cuts}
-            if affine:
-                order = {nm: k for k, (nm, _) in enumerate(named)}
-                e.scaled_by = sorted(
-                    (NormRef(n.name, off, f, cnt) for n, off, f, cnt in affine),
-                    key=lambda ref: (order[ref.norm], ref.first, ref.offset),
-                )
-            else:
-                classifier = has_norms and not g.downstream_has_norm(fns)
-                e.reason = _reason(r, has_norms, m in gates, classifier)
-        entries[name] = e
-    kinds = {n.name: n.kind for n in norms.values() if n.reason is None}
-    sm = ScalingMap(net, entries, kinds)
-    sm.input_size = size
-    sm.trace_seconds = time.perf_counter() - t0
-    return sm
+    return gates
+
+
+def _entry(name: str, m: nn.Conv2d, result, gate: bool, has_norms: bool, order: Dict[str, int]) -> ConvEntry:
+    """The map's entry of conv ``m`` from its walk ``result`` ``(walk, graph, conv outputs)`` (None: not run)."""
+    e = ConvEntry(name=name, out_channels=m.out_channels, groups=m.groups)
+    if result is None:
+        e.reason = REASONS["not_run"]
+        return e
+    r, g, fns = result
+    affine = [h for h in r.hits if h[0].reason is None]
+    if r.cuts and affine and _uncovered(affine, m.out_channels):
+        # pieces of the filters reach no norm: report the conv rather than half-map it
+        affine = []
+        r.stops |= {f"unsupported:{cut}" for cut in r.cuts}
+    if affine:
+        e.scaled_by = sorted(
+            (NormRef(n.name, off, f, cnt) for n, off, f, cnt in affine),
+            key=lambda ref: (order[ref.norm], ref.first, ref.offset),
+        )
+    else:
+        classifier = has_norms and not g.downstream_has_norm(fns)
+        e.reason = _reason(r, has_norms, gate, classifier)
+    return e
 
 
 def _runs(sorted_ints: Sequence[int]) -> List[Tuple[int, int]]:

@@ -13,15 +13,13 @@ mapped channel changing.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
+from filtersurgery.tracing.probe import default_input_size, eval_mode, example_input, reduced_input_size
 from filtersurgery.tracing.scaling_map import ScalingMap, channel_dim
-from filtersurgery.tracing.tracer import default_input_size, reduced_input_size
 
 __all__ = ["verify", "VerifyResult"]
 
@@ -57,17 +55,6 @@ def _probe_filters(n: int, k: int) -> List[int]:
     return sorted(picks)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
 def verify(
     sm: ScalingMap,
     input_size: Optional[Sequence[int]] = None,
@@ -80,7 +67,8 @@ def verify(
     ``input_size`` ``(C, H, W)`` defaults to a reduced version of the traced size. Runs in
     eval mode (modes restored afterwards); parameters are not modified. A norm module
     called several times in one forward pass (shared by two branches) is checked call by
-    call: the probe passes when one call shows exactly the mapped channel changing.
+    call: the probe passes when one call shows exactly the mapped channel changing. The
+    input and the noise come from a private generator seeded with ``seed``.
     """
     if filters_per_conv < 1:
         raise ValueError(f"filters_per_conv: expected >= 1, got {filters_per_conv}")
@@ -91,68 +79,78 @@ def verify(
         except RuntimeError:
             input_size = full
     model = sm.module
-    mods = dict(model.named_modules())
-    size = tuple(input_size)
-    p0 = next((t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()), None)
-    device = p0.device if p0 is not None else torch.device("cpu")
-    dtype = p0.dtype if p0 is not None else torch.float32
     gen = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(1, *size, generator=gen).to(device=device, dtype=dtype)
+    x0 = example_input(model, tuple(input_size), generator=gen)
     probes = [(e.name, c) for e in sm.mapped.values() for c in _probe_filters(e.out_channels, filters_per_conv)]
     res = VerifyResult()
     never_ran: Dict[str, int] = Counter()
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(probes), batch):
             chunk = probes[start : start + batch]
-            by_conv: Dict[str, List[Tuple[int, int]]] = defaultdict(list)
-            for b, (name, c) in enumerate(chunk, start=1):
-                by_conv[name].append((b, c))
-            norms = {r.norm for name, _ in chunk for r in sm[name].scaled_by}
-            diffs: Dict[str, List[torch.Tensor]] = {}  # norm -> one (B, C) diff per call of the norm
-            handles = []
-
-            def conv_hook(m, inp, out, pairs):
-                out = out.clone()
-                for b, c in pairs:
-                    ch = out[b, c]
-                    noise = torch.randn(ch.shape, generator=gen).to(ch)
-                    # large on purpose: behind a 1e-6 layer scale (ConvNeXt) a small change is
-                    # lost in float32 rounding against the residual stream
-                    out[b, c] = ch + noise * (ch.abs().mean() + 1.0) * 1e3
-                return out
-
-            def norm_pre(m, inp, name):
-                x = inp[0].detach().float()
-                cd = channel_dim(sm.norm_kinds.get(name, "bn"), x.dim())
-                d = (x - x[:1]).abs().movedim(cd, 1).flatten(2).amax(2)  # (B, C)
-                diffs.setdefault(name, []).append(d)  # a shared norm: each call on its own
-
-            try:
-                for name, pairs in by_conv.items():
-                    handles.append(mods[name].register_forward_hook(lambda m, i, o, p=pairs: conv_hook(m, i, o, p)))
-                for name in norms:
-                    handles.append(mods[name].register_forward_pre_hook(lambda m, i, n=name: norm_pre(m, i, n)))
-                model(x0.expand(len(chunk) + 1, *size).contiguous())
-            finally:
-                for h in handles:
-                    h.remove()
-            for b, (name, c) in enumerate(chunk, start=1):
-                e = sm[name]
-                checked = False
-                for r in e.scaled_by:
-                    if not r.covers(c, e.out_channels):
-                        continue
-                    if r.norm not in diffs:
-                        never_ran[name] += 1
-                        continue
-                    res.checks += 1
-                    checked = True
-                    what = _judge([_window_check(d[b], r, e.out_channels, c) for d in diffs[r.norm]])
-                    if what:
-                        res.mismappings.append(f"{name}[{c}] -> {r.norm}[{r.offset + c}]: {what}")
-                res.filters += int(checked)
+            diffs = _perturbed_diffs(sm, x0, chunk, gen)
+            _check_chunk(sm, chunk, diffs, res, never_ran)
     res.unverified = sorted(never_ran)
     return res
+
+
+def _perturbed_diffs(sm: ScalingMap, x0: torch.Tensor, chunk: List[Tuple[str, int]],
+                     gen: torch.Generator) -> Dict[str, List[torch.Tensor]]:
+    """One forward pass of ``x0`` repeated, sample ``b`` perturbing filter ``chunk[b - 1]``:
+    ``norm -> [(B, C) max |difference from sample 0| at the norm's input, per call of the norm]``."""
+    model, mods = sm.module, dict(sm.module.named_modules())
+    by_conv: Dict[str, List[Tuple[int, int]]] = defaultdict(list)
+    for b, (name, c) in enumerate(chunk, start=1):
+        by_conv[name].append((b, c))
+    norms = {r.norm for name, _ in chunk for r in sm[name].scaled_by}
+    diffs: Dict[str, List[torch.Tensor]] = {}  # norm -> one (B, C) diff per call of the norm
+    handles = []
+
+    def conv_hook(m, inp, out, pairs):
+        out = out.clone()
+        for b, c in pairs:
+            ch = out[b, c]
+            noise = torch.randn(ch.shape, generator=gen).to(ch)
+            # large on purpose: behind a 1e-6 layer scale (ConvNeXt) a small change is
+            # lost in float32 rounding against the residual stream
+            out[b, c] = ch + noise * (ch.abs().mean() + 1.0) * 1e3
+        return out
+
+    def norm_pre(m, inp, name):
+        x = inp[0].detach().float()
+        cd = channel_dim(sm.norm_kinds.get(name, "bn"), x.dim())
+        d = (x - x[:1]).abs().movedim(cd, 1).flatten(2).amax(2)  # (B, C)
+        diffs.setdefault(name, []).append(d)  # a shared norm: each call on its own
+
+    try:
+        for name, pairs in by_conv.items():
+            handles.append(mods[name].register_forward_hook(lambda m, i, o, p=pairs: conv_hook(m, i, o, p)))
+        for name in norms:
+            handles.append(mods[name].register_forward_pre_hook(lambda m, i, n=name: norm_pre(m, i, n)))
+        model(x0.expand(len(chunk) + 1, *x0.shape[1:]).contiguous())
+    finally:
+        for h in handles:
+            h.remove()
+    return diffs
+
+
+def _check_chunk(sm: ScalingMap, chunk: List[Tuple[str, int]], diffs: Dict[str, List[torch.Tensor]],
+                 res: VerifyResult, never_ran: Dict[str, int]) -> None:
+    """Judge every probe of ``chunk`` (sample ``b`` = probe ``b - 1``) on ``diffs``, into ``res``."""
+    for b, (name, c) in enumerate(chunk, start=1):
+        e = sm[name]
+        checked = False
+        for r in e.scaled_by:
+            if not r.covers(c, e.out_channels):
+                continue
+            if r.norm not in diffs:
+                never_ran[name] += 1
+                continue
+            res.checks += 1
+            checked = True
+            what = _judge([_window_check(d[b], r, e.out_channels, c) for d in diffs[r.norm]])
+            if what:
+                res.mismappings.append(f"{name}[{c}] -> {r.norm}[{r.offset + c}]: {what}")
+        res.filters += int(checked)
 
 
 def _window_check(d: torch.Tensor, r, out_channels: int, c: int) -> Tuple[float, List[int]]:
