@@ -95,10 +95,6 @@ KNOWN_LONG = {
     ("methods/growth.py", "run_growth"): "growth's own loop",
     ("methods/sharing.py", "run_sharing"): "",
     ("methods/sharing.py", "sweep_sharing"): "",
-    ("tracing/tracer.py", "_transfer"): "",
-    ("tracing/tracer.py", "trace"): "",
-    ("tracing/verify.py", "verify"): "",
-    ("ops/warmstart.py", "dash"): "",
 }
 
 

@@ -249,7 +249,7 @@ def share(model: nn.Module, share: float = 0.8, num_classes: Optional[int] = Non
     """
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes: must be an integer >= 1, got {num_classes!r}")
-    from filtersurgery.ops.ranking import check_finite
+    from filtersurgery.ops.checks import check_finite
 
     check_finite(model)
     plan = plan_share(model, share, example_inputs)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from filtersurgery.ops.ranking import _first_nonfinite, _nonfinite_message
+from filtersurgery.ops.checks import first_nonfinite as _first_nonfinite, nonfinite_message as _nonfinite_message
 from filtersurgery.tracing.probe import eval_mode
 from filtersurgery.tracing.scaling_map import ScalingMap, unwrap
 
