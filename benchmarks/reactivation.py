@@ -84,7 +84,7 @@ def worker(spec: Dict) -> None:
     import torch
 
     from filtersurgery.data.datasets import load_dataset
-    from filtersurgery.methods.reactivation import run_method
+    from filtersurgery.methods.reactivation import ReactivationMethodConfig, run_method
     from filtersurgery.engine.trainer import TrainConfig
 
     if spec["threads"]:
@@ -93,7 +93,7 @@ def worker(spec: Dict) -> None:
     cfg = TrainConfig(model=spec["model"], data="fashion-mnist", method=spec["method"], epochs=spec["epochs"],
                       batch_size=spec["batch_size"], lr=spec["lr"], subset=spec["subset"], device=spec["device"],
                       progress=False)
-    opts = argparse.Namespace(**spec["options"])
+    opts = ReactivationMethodConfig(**spec["options"])
     m = run_method(cfg, opts, Path(spec["out"]), spec["seed"], data)
     e = m["steps"][0]
     print(f"{spec['model']} {spec['method']} seed {spec['seed']}: test {e['test_acc']:.2f}%  "

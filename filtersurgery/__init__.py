@@ -44,6 +44,11 @@ from . import _compat
 
 _compat.install()  # the old flat module paths keep importing (filtersurgery/_compat.py)
 
+# --- every training method registers itself at import (methods/, engine/registry.py) ---
+from filtersurgery import methods as _methods  # each method module registers its methods at import
+
+del _methods  # (still importable as filtersurgery.methods)
+
 # --- tracing/ and models/ ---
 from filtersurgery.models.factory import build_model, list_cnns
 from filtersurgery.tracing.tracer import default_input_size, trace

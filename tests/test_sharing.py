@@ -10,7 +10,8 @@ from torch import nn
 from filtersurgery.engine import checkpoint
 from filtersurgery.models.cifar_resnet import cifar_resnet
 from filtersurgery.data.datasets import load_dataset
-from filtersurgery.methods.sharing import add_parsers, choose, class_sets_from, class_subset
+from filtersurgery.cli.sweep import add_parsers
+from filtersurgery.methods.sharing import choose, class_sets_from, class_subset
 from filtersurgery.ops.sharing import (BranchedNet, branch_state_dict, is_pinned, load_branch, max_prob_combine,
                                    plan_share, share, share_plan, training_cost)
 from filtersurgery.engine.trainer import evaluate

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from filtersurgery.engine import checkpoint
 from filtersurgery.data.datasets import ImageData, split_parts
-from filtersurgery.engine.trainer import METHODS, SINGLE_RUN_METHODS, Phase, TrainConfig, phase_flops, plan_step, resume_point
+from filtersurgery.engine.trainer import METHODS, Phase, TrainConfig, phase_flops, plan_step, resume_point
 from filtersurgery.tracing.probe import example_input, preserve_mode
 
 __all__ = ["PlannedPhase", "plan_run", "measure_batch_seconds", "estimate_seconds", "banner", "resume_line",

@@ -14,7 +14,7 @@ import warnings
 from typing import Iterator, List, Optional
 
 # modules that register sub-commands, in the order they appear in --help
-COMMAND_MODULES = ["filtersurgery.cli.zoo", "filtersurgery.cli.run", "filtersurgery.methods.sharing"]
+COMMAND_MODULES = ["filtersurgery.cli.zoo", "filtersurgery.cli.run", "filtersurgery.cli.sweep"]
 
 
 class UsageError(ValueError):
@@ -52,7 +52,9 @@ def one_line_warnings(command: str) -> Iterator[None]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``filtersurgery`` command; returns the exit code (2: one-line error, 130: Ctrl-C)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with one_line_warnings(argv[0] if argv and not argv[0].startswith("-") else "(parse)"):
+        args = parser.parse_args(argv)  # deprecated flag names warn here, one line each
     try:
         with one_line_warnings(args.command):
             return int(args.func(args) or 0)

@@ -10,14 +10,13 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import importlib
-import importlib.util
-
+from filtersurgery.cli.options import add_options, options_from_args
 from filtersurgery.data.augment import AOD_FLIPS
+from filtersurgery.engine import registry
 from filtersurgery.engine.trainer import METHODS, SINGLE_RUN_METHODS, TrainConfig
 
 # settings that must match for a re-run to resume into an existing --out
@@ -114,14 +113,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--students", type=int, choices=[1, 2], default=d.students, help="ablation: AOD students (default 2)")
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
-    for mod in _method_modules():
-        mod.add_arguments(p.add_argument_group(f"{mod.__name__.rsplit('.', 1)[-1]} options"))
+    for spec in registry.specs():  # one group per registered method family, built from its options dataclass
+        add_options(p, spec.options, title=f"{spec.title} options", description=spec.help or None)
 
 
-def _method_modules():
-    """The modules implementing single-run methods (``train.SINGLE_RUN_METHODS``), imported."""
-    names = list(dict.fromkeys(SINGLE_RUN_METHODS.values()))
-    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
+def method_options(cfg: TrainConfig, args: argparse.Namespace):
+    """The options dataclass of single-run method ``cfg.method`` built from parsed ``args`` (None: multi-step)."""
+    if cfg.method not in SINGLE_RUN_METHODS:
+        return None
+    return options_from_args(registry.get(cfg.method).options, args)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -211,23 +211,23 @@ def lr_text(cfg: TrainConfig) -> str:
     return f"new data {new:g} (--lr), {first} {cfg.scratch_lr:g}{sst}"
 
 
-def _class_sets(cfg: TrainConfig, args: argparse.Namespace, data) -> Optional[List[List[int]]]:
+def _class_sets(cfg: TrainConfig, options, data) -> Optional[List[List[int]]]:
     """The class sets of ``sharing`` / ``class-finetune`` (None for other methods)."""
     if cfg.method not in ("sharing", "class-finetune"):
         return None
     from filtersurgery.methods.sharing import class_sets_from
 
-    return class_sets_from(getattr(args, "class_sets", None), data.num_classes)
+    return class_sets_from(getattr(options, "class_sets", None), data.num_classes)
 
 
-def _start(cfg: TrainConfig, args: argparse.Namespace, data, out: Path) -> Dict:
+def _start(cfg: TrainConfig, args: argparse.Namespace, options, data, out: Path) -> Dict:
     """Print the banner and the duration estimate; return each seed's :class:`~filtersurgery.cli.console.Resume`."""
     from filtersurgery.cli import console
     from filtersurgery.engine.trainer import amp_dtype, resolve_device
 
     dev = resolve_device(cfg.device)
     amp = amp_dtype(cfg, dev)
-    plan = console.plan_run(cfg, data, args.seeds[0], _class_sets(cfg, args, data))
+    plan = console.plan_run(cfg, data, args.seeds[0], _class_sets(cfg, options, data))
     resumes = {s: console.find_resume(out / f"seed{s}", cfg) for s in args.seeds}
     lines = console.banner(cfg, data, args, out, dev, amp, plan)
     lines.insert(2, f"  lr       {lr_text(cfg)}")
@@ -270,6 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.validate()
+    options = method_options(cfg, args)
     _init_distributed(cfg)
     build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
     out = Path(args.out or f"runs/{cfg.method}")
@@ -278,11 +279,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, image_size=cfg.image_size))
     seed = None
     try:
-        resumes = _start(cfg, args, data, out) if is_main_process() else {}
+        resumes = _start(cfg, args, options, data, out) if is_main_process() else {}
         for s in args.seeds:
             seed = s
-            if cfg.method in SINGLE_RUN_METHODS:
-                m = importlib.import_module(SINGLE_RUN_METHODS[cfg.method]).run_method(cfg, args, out / f"seed{s}", s, data)
+            if options is not None:
+                m = registry.get(cfg.method).run(cfg, options, out / f"seed{s}", s, data)
             else:
                 m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
             _remove_empty_work(out / f"seed{s}")

@@ -40,6 +40,7 @@ from torch import nn
 from filtersurgery.data import augment
 
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.registry import SINGLE_RUN_METHODS  # read-only view, filled by methods/ at import
 
 from filtersurgery.distill import losses
 
@@ -48,23 +49,13 @@ from filtersurgery.distill.blockfeats import capture_blocks, spatial_blocks
 from filtersurgery.data.datasets import BatchLoader, ImageData, load_dataset, split_parts
 from filtersurgery.models.factory import build_model
 from filtersurgery.ops.reinit import rescale
-from filtersurgery.ops.ranking import RANKINGS
+from filtersurgery.ops.ranking import check_ranking
 from filtersurgery.ops.sparsity import SparsityConfig, lam_for_budget, sparsify
 from filtersurgery.tracing.probe import eval_mode, example_input
 
 METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
-# single-run methods (one entry in metrics.json) and the module that implements each; such a
-# module exposes ``add_arguments(parser)`` (its own CLI flags) and
-# ``run_method(cfg, args, out_dir, seed, data) -> metrics`` (writes metrics.json via write_metrics)
-SINGLE_RUN_METHODS = {
-    "plain": "filtersurgery.methods.reactivation",
-    "reactivation": "filtersurgery.methods.reactivation",
-    "weight-evolution": "filtersurgery.methods.reactivation",
-    "filter-grafting": "filtersurgery.methods.reactivation",
-    "sharing": "filtersurgery.methods.sharing",
-    "class-finetune": "filtersurgery.methods.sharing",
-    "growth": "filtersurgery.methods.growth",
-}
+# single-run methods (one entry in metrics.json) are not named here: each module in methods/ registers
+# its own at import (engine/registry.py); SINGLE_RUN_METHODS is the read-only view ``name -> module``
 STATE_FILE = "state.pt"
 
 
@@ -132,44 +123,67 @@ class TrainConfig:
     state_every: float = 0.0
 
     def validate(self) -> None:
-        """One-line ValueError naming the bad field and its allowed range."""
+        """One-line ValueError naming the bad field and its allowed range (the first bad field, in field order)."""
+        for check in (self._check_method, self._check_counts, self._check_sst_dri, self._check_data,
+                      self._check_students, self._check_amp_lam, self._check_warmstart, self._check_sst_options,
+                      self._check_runtime, self._check_lrs):
+            check()
+
+    def _check_method(self) -> None:
+        """``method`` (multi-step or registered single-run), ``split`` and ``steps``."""
         if self.method not in METHODS and self.method not in SINGLE_RUN_METHODS:
             allowed = ", ".join(METHODS + tuple(SINGLE_RUN_METHODS))
             raise ValueError(f"method: must be one of {allowed}, got {self.method!r}")
         if self.split not in ("single", "multi"):
             raise ValueError(f"split: must be 'single' or 'multi', got {self.split!r}")
-        if self.method in SINGLE_RUN_METHODS:
-            pass  # one data set, no steps
-        elif self.steps < 2:
+        if self.method not in SINGLE_RUN_METHODS and self.steps < 2:  # single-run: one data set, no steps
             raise ValueError(f"steps: must be >= 2 (step 1 trains Data1, later steps add data), got {self.steps}")
         if self.split == "single" and self.steps != 2:
             raise ValueError(f"steps: --split single means exactly 2 steps (1:1), got {self.steps}")
+
+    def _check_counts(self) -> None:
+        """``epochs``, ``step1_epochs``, ``batch_size``."""
         if self.epochs <= 0:
             raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
         if self.step1_epochs is not None and self.step1_epochs <= 0:
             raise ValueError(f"step1_epochs: must be None or >= 1, got {self.step1_epochs}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+    def _check_sst_dri(self) -> None:
+        """``target_r`` of SST and the re-drawn fractions ``dri_I`` of Dri (docs/method.md §1, §2)."""
         if not 0.0 < self.target_r < 1.0:
             raise ValueError(f"target_r: must be in (0, 1), got {self.target_r}")
         for I in self.dri_I:
             if not (0.0 <= I and self.target_r + I < 1.0 - I):
                 raise ValueError(f"dri_I: each I needs target_r + I < 1 - I (target_r={self.target_r}), got {I}")
+
+    def _check_data(self) -> None:
+        """``val_fraction``, ``image_size``, ``subset``."""
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise ValueError(f"image_size: must be an integer >= 1 (pixels), got {self.image_size!r}")
         if self.subset is not None and self.subset <= 0:
             raise ValueError(f"subset: must be >= 1 images per part, got {self.subset}")
+
+    def _check_students(self) -> None:
+        """``students`` of AOD, and ``dri=False`` only with one student."""
         if self.students not in (1, 2):
             raise ValueError(f"students: must be 1 or 2, got {self.students}")
         if not self.dri and self.students == 2:
             raise ValueError("students: dri=False makes the two AOD students identical copies that see the same "
                              "views and never diverge; use students=1 with dri=False")
+
+    def _check_amp_lam(self) -> None:
+        """``amp`` and the L1 strength ``lam`` (``auto`` or a finite number >= 0)."""
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
         if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam: must be 'auto' or a finite number >= 0, got {self.lam!r}")
+
+    def _check_warmstart(self) -> None:
+        """The Shrink & Perturb and DASH options (``sp_*``, ``dash_*``)."""
         for name, v, ok, allowed in (("sp_shrink", self.sp_shrink, 0 < self.sp_shrink <= 1, "in (0, 1]"),
                                      ("sp_noise", self.sp_noise, self.sp_noise >= 0, ">= 0"),
                                      ("dash_lam", self.dash_lam, 0 <= self.dash_lam <= 1, "in [0, 1]")):
@@ -179,6 +193,9 @@ class TrainConfig:
             raise ValueError(f"dash_alpha: must be None or in (0, 1], got {self.dash_alpha}")
         if self.dash_granularity not in ("kernel", "filter"):
             raise ValueError(f"dash_granularity: must be kernel or filter, got {self.dash_granularity!r}")
+
+    def _check_sst_options(self) -> None:
+        """``lam_safety*``, ``e_cut_fraction`` (SST's own check), ``aod_flip``, ``ranking``, ``at_min_size``."""
         for name in ("lam_safety", "lam_safety_msl"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -186,10 +203,12 @@ class TrainConfig:
         SparsityConfig(e_cut_fraction=self.e_cut_fraction).validate()  # SST's own check, before step 1 trains
         if self.aod_flip not in augment.AOD_FLIPS:
             raise ValueError(f"aod_flip: must be one of {', '.join(augment.AOD_FLIPS)}, got {self.aod_flip!r}")
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking: must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
+        check_ranking(self.ranking)  # the one copy of the check, in ops/ranking.py (ops is below the engine)
         if not (isinstance(self.at_min_size, int) and self.at_min_size >= 1):
             raise ValueError(f"at_min_size: must be an int >= 1, got {self.at_min_size!r}")
+
+    def _check_runtime(self) -> None:
+        """``state_every``, ``max_batches``, ``device``."""
         if not (math.isfinite(self.state_every) and self.state_every >= 0):
             raise ValueError(f"state_every: must be a finite number of seconds >= 0, got {self.state_every}")
         if self.max_batches is not None and self.max_batches < 1:
@@ -199,6 +218,9 @@ class TrainConfig:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
                 raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
+    def _check_lrs(self) -> None:
+        """``lr``, ``scratch_lr``, ``sst_lr``: None (where allowed) or > 0."""
         for name in ("lr", "scratch_lr", "sst_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:

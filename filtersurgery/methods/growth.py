@@ -4,10 +4,10 @@ One seed of the incremental-training paper's schedule on one data set (the whole
 training set, 10% held out for validation, docs/method.md §8)::
 
     k = 1       train S1 + head, watch val accuracy; stop when the window rule fires
-                (alpha_i <= gamma * alpha_(i-1), every --window epochs) or after --epochs
-    k = 2..K    --init lookahead: train S_k + a fresh head for --lookahead-epochs with
-                S_1..S_(k-1) frozen, then train everything with the rule as above
-                --init random:    train everything at once (S_k as built, fresh head)
+                (alpha_i <= gamma * alpha_(i-1), every --growth-window epochs) or after --epochs
+    k = 2..K    --growth-init lookahead: train S_k + a fresh head for --growth-lookahead-epochs
+                with S_1..S_(k-1) frozen, then train everything with the rule as above
+                --growth-init random:    train everything at once (S_k as built, fresh head)
 
 The head after ``S_k`` (k < K) is global average pooling + linear; with all K
 sub-networks the model's own classifier block is used, so the final network is the
@@ -27,7 +27,6 @@ epoch: re-running the same command resumes from the last finished epoch.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import time
@@ -41,13 +40,14 @@ import torch.nn.functional as F
 from filtersurgery.data import augment
 
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.data.datasets import BatchLoader, ImageData
 from filtersurgery.ops.growth import (GrownNet, LinearHead, frozen_stages, grow, partition, should_grow,
                      train_flops_per_image, window_angles)
 from filtersurgery.engine.trainer import Run, TrainConfig, forward_flops, write_metrics
 from filtersurgery.tracing.probe import example_input
 
-__all__ = ["GrowthConfig", "add_arguments", "run_method", "run_growth", "plan"]
+__all__ = ["GrowthConfig", "run_method", "run_growth", "plan"]
 
 STATE_FILE = "growth_state.pt"
 INITS = ("lookahead", "random")
@@ -55,12 +55,23 @@ INITS = ("lookahead", "random")
 
 @dataclass
 class GrowthConfig:
-    """Options of the growth schedule (docs/method.md §7). The paper gives no values; these are ours."""
+    """Options of the growth schedule (docs/method.md §7). The paper gives no values; these are ours.
 
-    window: int = 3  # ws: epochs per window of the termination rule
-    gamma: float = 0.5  # stop when alpha_i <= gamma * alpha_(i-1)
-    lookahead_epochs: int = 2  # epochs of S_k + head with S_1..S_(k-1) frozen
-    init: str = "lookahead"  # lookahead | random
+    The field metadata names each option's ``filtersurgery run`` flag
+    (:func:`~filtersurgery.engine.registry.option`); ``regular`` has none."""
+
+    # ws: epochs per window of the termination rule
+    window: int = option(3, flag="--growth-window", aliases=("--window",),
+                         help="growth: epochs per window of the termination rule (default %(default)s)")
+    # stop when alpha_i <= gamma * alpha_(i-1)
+    gamma: float = option(0.5, flag="--growth-gamma",
+                          help="growth: add the next sub-network when alpha_i <= gamma * alpha_(i-1) (default %(default)s)")
+    # epochs of S_k + head with S_1..S_(k-1) frozen
+    lookahead_epochs: int = option(2, flag="--growth-lookahead-epochs", aliases=("--lookahead-epochs",),
+                                   help="growth: epochs of look-ahead (new sub-network + head, earlier ones frozen) "
+                                        "(default %(default)s)")
+    init: str = option("lookahead", flag="--growth-init", aliases=("--init",), choices=INITS,
+                       help="growth: initialization of each new sub-network (default %(default)s)")
     regular: bool = False  # baseline: the full network from scratch, --epochs epochs, no rule
 
     def validate(self) -> None:
@@ -75,30 +86,13 @@ class GrowthConfig:
             raise ValueError(f"init: must be one of {', '.join(INITS)}, got {self.init!r}")
 
 
-# --------------------------------------------------------------------------- CLI hooks
-def add_arguments(p) -> None:
-    """The growth method's own flags (``filtersurgery run --method growth``)."""
-    d = GrowthConfig()
-    p.add_argument("--window", type=int, default=d.window,
-                   help="growth: epochs per window of the termination rule (default %(default)s)")
-    p.add_argument("--growth-gamma", type=float, default=d.gamma,
-                   help="growth: add the next sub-network when alpha_i <= gamma * alpha_(i-1) (default %(default)s)")
-    p.add_argument("--lookahead-epochs", type=int, default=d.lookahead_epochs,
-                   help="growth: epochs of look-ahead (new sub-network + head, earlier ones frozen) (default %(default)s)")
-    p.add_argument("--init", choices=INITS, default=d.init,
-                   help="growth: initialization of each new sub-network (default %(default)s)")
-
-
-def config_from_args(args: argparse.Namespace) -> GrowthConfig:
-    d = GrowthConfig()
-    return GrowthConfig(window=getattr(args, "window", d.window), gamma=getattr(args, "growth_gamma", d.gamma),
-                        lookahead_epochs=getattr(args, "lookahead_epochs", d.lookahead_epochs),
-                        init=getattr(args, "init", d.init))
-
-
-def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir: Path, seed: int, data: ImageData) -> Dict:
+def run_method(cfg: TrainConfig, options: Optional[GrowthConfig], out_dir: Path, seed: int, data: ImageData) -> Dict:
     """Entry point of ``filtersurgery run --method growth`` for one seed (writes metrics.json)."""
-    return run_growth(cfg, config_from_args(args), out_dir, seed=seed, data=data)
+    return run_growth(cfg, options if options is not None else GrowthConfig(), out_dir, seed=seed, data=data)
+
+
+register(MethodSpec("growth", GrowthConfig, run_method,
+                    help="incremental growth with look-ahead: one training run (docs/growth.md)"))
 
 
 # --------------------------------------------------------------------------- schedule

@@ -7,7 +7,7 @@ paper's), via :func:`filtersurgery.train.run_phase`:
 
 - ``plain``: cross-entropy training, nothing else (the paper's "baseline");
 - ``reactivation``: + :func:`~filtersurgery.ops.reactivation.reactivate_kernels` after every
-  ``--period`` E-th epoch with ``gamma_t = gamma * lr_t / lr_0`` (cosine-annealed);
+  ``--reactivation-period`` E-th epoch with ``gamma_t = gamma * lr_t / lr_0`` (cosine-annealed);
 - ``weight-evolution``: + :func:`~filtersurgery.ops.weight_evolution.evolve_weights` after
   every E-th epoch;
 - ``filter-grafting``: two networks (phase kind ``scratch2``) +
@@ -25,7 +25,6 @@ current learning rate: :class:`ReactivationCallback`, :class:`WeightEvolutionCal
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import resource
 import sys
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.ops.filter_grafting import GraftReport, graft
 from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport, _check_fraction
 from filtersurgery.engine.trainer import Phase, Run, TrainConfig, STATE_FILE, forward_flops, phase_flops, run_phase, write_metrics
@@ -51,13 +51,20 @@ PHASE_NAME = "train"  # the same for every method: same augmentation stream per 
 @dataclass
 class ReactivationMethodConfig:
     """Options of the four methods. Defaults: the paper's ``(alpha, beta, gamma, E) = (0.2, 0.3, 0.1, 10)``;
-    filter grafting ``a = 0.4, c = 500`` (docs/method.md §9), grafting every epoch."""
+    filter grafting ``a = 0.4, c = 500`` (docs/method.md §9), grafting every epoch.
 
-    alpha: float = 0.2
-    beta: float = 0.3
-    gamma: float = 0.1
-    period: int = 10
-    graft_period: int = 1
+    The field metadata names each option's ``filtersurgery run`` flag (engine/registry.py
+    :func:`~filtersurgery.engine.registry.option`); ``graft_a`` and ``graft_c`` have none."""
+
+    alpha: float = option(0.2, flag="--reactivation-alpha", aliases=("--alpha",),
+                          help="reactivation/WE C1: lowest fraction of filters model-wide by mean |w| (default %(default)s)")
+    beta: float = option(0.3, flag="--reactivation-beta", aliases=("--beta",),
+                         help="reactivation/WE C2: lowest fraction of filters within their layer (default %(default)s)")
+    gamma: float = option(0.1, flag="--reactivation-gamma", aliases=("--gamma",),
+                          help="reactivation C3: fraction of kernels at lr_0, annealed as gamma*lr_t/lr_0 (default %(default)s)")
+    period: int = option(10, flag="--reactivation-period", aliases=("--period",),
+                         help="reactivation/WE every E-th epoch; scale it with --epochs (paper: 10 of 200) (default %(default)s)")
+    graft_period: int = option(1, flag="--graft-period", help="filter grafting every N-th epoch (default %(default)s)")
     graft_a: float = 0.4
     graft_c: float = 500.0
 
@@ -71,29 +78,6 @@ class ReactivationMethodConfig:
                 raise ValueError(f"{n}: must be an integer >= 1, got {v!r}")
         if not float(self.graft_c) > 0:
             raise ValueError(f"graft_c: must be > 0, got {self.graft_c!r}")
-
-
-def add_arguments(group) -> None:
-    """This module's ``filtersurgery run`` flags (used by ``--method reactivation|weight-evolution|filter-grafting``)."""
-    d = ReactivationMethodConfig()
-    group.add_argument("--alpha", type=float, default=d.alpha,
-                       help="reactivation/WE C1: lowest fraction of filters model-wide by mean |w| (default %(default)s)")
-    group.add_argument("--beta", type=float, default=d.beta,
-                       help="reactivation/WE C2: lowest fraction of filters within their layer (default %(default)s)")
-    group.add_argument("--gamma", type=float, default=d.gamma,
-                       help="reactivation C3: fraction of kernels at lr_0, annealed as gamma*lr_t/lr_0 (default %(default)s)")
-    group.add_argument("--period", type=int, default=d.period,
-                       help="reactivation/WE every E-th epoch; scale it with --epochs (paper: 10 of 200) (default %(default)s)")
-    group.add_argument("--graft-period", type=int, default=d.graft_period,
-                       help="filter grafting every N-th epoch (default %(default)s)")
-
-
-def method_config_from_args(args: argparse.Namespace) -> ReactivationMethodConfig:
-    """The :class:`ReactivationMethodConfig` of parsed CLI ``args`` (missing flags: defaults)."""
-    d = ReactivationMethodConfig()
-    cfg = ReactivationMethodConfig(**{k: getattr(args, k, getattr(d, k)) for k in asdict(d)})
-    cfg.validate()
-    return cfg
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -317,15 +301,17 @@ def method_phase(cfg: TrainConfig, mcfg: ReactivationMethodConfig) -> Phase:
     return Phase(PHASE_NAME, kind, [0], lr, cfg.epochs, epoch_end=hook)
 
 
-def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir, seed: int, data=None) -> Dict:
+def run_method(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], out_dir, seed: int, data=None) -> Dict:
     """Train ``cfg.method`` (one of :data:`METHODS`) from scratch for one seed; returns the metrics.
 
     Writes ``out_dir/step1.safetensors``, ``out_dir/metrics.json`` (one entry, ``step: 1``,
     with ``peak_mem_mb``/``mem_kind``), ``out_dir/epochs.csv`` (per-epoch reactivation
     counts in ``extra``). Re-running resumes from the last finished epoch, or returns the
     finished metrics; a folder holding a run with other method options is refused.
+    ``options``: the methods' :class:`ReactivationMethodConfig` (None: the defaults).
     """
-    mcfg = method_config_from_args(args) if args is not None else ReactivationMethodConfig()
+    mcfg = options if options is not None else ReactivationMethodConfig()
+    mcfg.validate()
     one = replace(cfg, split="multi", steps=1)  # the whole training set as one part
     phase = method_phase(one, mcfg)
     out = Path(out_dir)
@@ -371,7 +357,10 @@ def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir, seed: int, d
     return metrics
 
 
+register(MethodSpec(METHODS, ReactivationMethodConfig, run_method,
+                    help="kernel reactivation and its baselines: one training run from scratch (docs/reactivation.md)"))
+
 __all__ = [
     "METHODS", "ReactivationMethodConfig", "ReactivationCallback", "WeightEvolutionCallback", "GraftingCallback",
-    "MethodHook", "method_phase", "run_method", "add_arguments", "method_config_from_args", "peak_memory", "report_row",
+    "MethodHook", "method_phase", "run_method", "peak_memory", "report_row",
 ]

@@ -23,9 +23,10 @@ class set, the accuracy within the set (``test_acc``: the branch on its own clas
 paper's per-set rows) and under the all-class prediction (``test_acc_all``: what the
 class-incremental network gets right on that set's images).
 
-``filtersurgery sweep-sharing`` runs ``sharing`` for each of ``--shares`` (the base is
-trained once and reused), writes ``sweep.csv``/``sweep.json``/``sweep.png`` (the
-accuracy-vs-sharing curve, paper §3.4) and marks the chosen configuration: the largest
+:func:`sweep_sharing` (the ``filtersurgery sweep-sharing`` command, in ``cli/sweep.py``) runs
+``sharing`` for each of ``--shares`` (the base is trained once and reused), writes
+``sweep.csv``/``sweep.json``/``sweep.png`` (the accuracy-vs-sharing curve, paper §3.4)
+and marks the chosen configuration: the largest
 share whose all-class *validation* accuracy is within ``--max-drop`` points of no sharing.
 Per configuration it also reports training MACs per iteration, trainable and stored
 parameters, measured time per iteration and peak memory
@@ -33,12 +34,10 @@ parameters, measured time per iteration and peak memory
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import math
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -48,10 +47,11 @@ from torch import nn
 from filtersurgery.data import augment
 
 from filtersurgery.engine import checkpoint
-from filtersurgery.data.datasets import ImageData, check_classes, load_dataset
+from filtersurgery.engine.registry import MethodSpec, option, register
+from filtersurgery.data.datasets import ImageData, load_dataset
 from filtersurgery.models.factory import build_model
 from filtersurgery.ops.sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
-from filtersurgery.engine.trainer import STATE_FILE, Phase, Run, TrainConfig, resolve_device, run_phase, write_metrics
+from filtersurgery.engine.trainer import STATE_FILE, Phase, Run, TrainConfig, run_phase, write_metrics
 from filtersurgery.tracing.probe import eval_mode, example_input
 
 METHODS = ("sharing", "class-finetune")
@@ -60,15 +60,19 @@ DEFAULT_SHARES = (0.0, 0.5, 0.66, 0.8, 0.9, 0.99)
 PROGRESS_FILE = "progress.json"
 
 
-# --------------------------------------------------------------------------- arguments
-def add_arguments(p) -> None:
-    """``--class-sets`` and ``--share`` (options of ``sharing`` / ``class-finetune``)."""
-    p.add_argument("--class-sets", default=None, metavar="N,N,...",
-                   help="sharing/class-finetune: sizes of the class sets in label order, e.g. 4,3,3 "
-                        "(default: 40%%/30%%/30%% of the classes)")
-    p.add_argument("--share", type=float, default=DEFAULT_SHARE,
-                   help="sharing: fraction of conv parameters (forward order) frozen and shared with the base "
-                        "(default %(default)s; 0 = no sharing)")
+# --------------------------------------------------------------------------- options
+@dataclass
+class SharingConfig:
+    """Options of ``sharing`` / ``class-finetune``; the field metadata names each one's ``filtersurgery run``
+    flag (:func:`~filtersurgery.engine.registry.option`). ``class_sets``: sizes in label order
+    (:func:`class_sets_from`; None: 40%/30%/30% of the classes); ``share``: ``sharing`` only."""
+
+    class_sets: Optional[str] = option(None, flag="--class-sets", metavar="N,N,...",
+                                       help="sharing/class-finetune: sizes of the class sets in label order, e.g. "
+                                            "4,3,3 (default: 40%%/30%%/30%% of the classes)")
+    share: float = option(DEFAULT_SHARE, flag="--share",
+                          help="sharing: fraction of conv parameters (forward order) frozen and shared with the base "
+                               "(default %(default)s; 0 = no sharing)")
 
 
 def class_sets_from(spec: Optional[str], num_classes: int) -> List[List[int]]:
@@ -197,11 +201,12 @@ def _example_batch(data: ImageData, n: int, device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- methods
-def run_method(cfg: TrainConfig, args: argparse.Namespace, out_dir: Path, seed: int, data: ImageData) -> Dict:
+def run_method(cfg: TrainConfig, options: Optional[SharingConfig], out_dir: Path, seed: int, data: ImageData) -> Dict:
     """``filtersurgery run --method sharing|class-finetune`` for one seed (module docstring)."""
-    sets = class_sets_from(getattr(args, "class_sets", None), data.num_classes)
+    opts = options if options is not None else SharingConfig()
+    sets = class_sets_from(opts.class_sets, data.num_classes)
     if cfg.method == "sharing":
-        return run_sharing(cfg, sets, getattr(args, "share", DEFAULT_SHARE), out_dir, seed, data)
+        return run_sharing(cfg, sets, opts.share, out_dir, seed, data)
     if cfg.method == "class-finetune":
         return run_class_finetune(cfg, sets, out_dir, seed, data)
     raise ValueError(f"method: {cfg.method!r} is not implemented here (one of {', '.join(METHODS)})")
@@ -230,40 +235,54 @@ def run_sharing(cfg: TrainConfig, class_sets: List[List[int]], share_frac: float
     if done is not None and done.get("config", {}).get("share") == share_frac and len(prog["steps"]) == len(class_sets):
         return done
     runs = _set_runs(cfg, seed, out, data, class_sets, remap=True)
-    dev = runs[0].device
-    ex = _example_batch(data, 1, dev)
+    ex = _example_batch(data, 1, runs[0].device)
+    base = _sharing_base(runs[0], prog, out, base_from)
+    branches = [_sharing_branch(runs[k - 1], k, base, share_frac, len(class_sets[k - 1]), prog, out, seed, ex)
+                for k in range(2, len(class_sets) + 1)]
+    metrics = _sharing_metrics(cfg, data, runs, class_sets, share_frac, base, branches, prog, seed, cost)
+    checkpoint.remove_empty_dir(runs[0].work)
+    return metrics
 
-    # step 1: the base network on the first class set
-    base = runs[0].new_model()
+
+def _sharing_base(run: Run, prog: Dict, out: Path, base_from: Optional[Path]) -> nn.Module:
+    """Step 1 of ``sharing``: the base network on the first class set (resumed, reused from ``base_from``, or trained)."""
+    cfg, dev = run.cfg, run.device
+    base = run.new_model()
     ck = out / "step1.safetensors"
     if ck.exists():
         base.load_state_dict(checkpoint.load_state_dict(ck, device=str(dev)))
     elif base_from is not None and Path(base_from).exists():
         base.load_state_dict(checkpoint.load_state_dict(base_from, device=str(dev)))
         checkpoint.save_state_dict(base.state_dict(), ck)
-        _finish_step(runs[0], 1, prog, out, seconds=0.0, base_from=str(base_from))
+        _finish_step(run, 1, prog, out, seconds=0.0, base_from=str(base_from))
     else:
         t0 = time.time()
-        base = run_phase(runs[0], 1, Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs), base)
+        base = run_phase(run, 1, Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs), base)
         checkpoint.save_state_dict(base.state_dict(), ck)
-        _finish_step(runs[0], 1, prog, out, seconds=round(time.time() - t0, 2))
+        _finish_step(run, 1, prog, out, seconds=round(time.time() - t0, 2))
+    return base
 
-    # steps 2..K: one branch per later class set, trained on its own data only
-    branches = []
-    for k in range(2, len(class_sets) + 1):
-        ck = out / f"step{k}.safetensors"
-        if ck.exists():
-            br = load_branch(base, checkpoint.load_state_dict(ck, device=str(dev)), share_frac,
-                             num_classes=len(class_sets[k - 1]), example_inputs=ex)
-        else:
-            torch.manual_seed(seed * 1000 + k)  # the new head's initialization
-            br = share(base, share_frac, num_classes=len(class_sets[k - 1]), example_inputs=ex)
-            t0 = time.time()
-            br = run_phase(runs[k - 1], k, Phase("branch", "finetune", [0], cfg.new_lr, cfg.epochs), br)
-            checkpoint.save_state_dict(branch_state_dict(br), ck)
-            _finish_step(runs[k - 1], k, prog, out, seconds=round(time.time() - t0, 2))
-        branches.append(br)
 
+def _sharing_branch(run: Run, k: int, base: nn.Module, share_frac: float, n_classes: int, prog: Dict, out: Path,
+                    seed: int, ex: torch.Tensor) -> nn.Module:
+    """Step ``k >= 2`` of ``sharing``: the branch of class set ``k``, trained on its own data only (or resumed)."""
+    ck = out / f"step{k}.safetensors"
+    if ck.exists():
+        return load_branch(base, checkpoint.load_state_dict(ck, device=str(run.device)), share_frac,
+                           num_classes=n_classes, example_inputs=ex)
+    torch.manual_seed(seed * 1000 + k)  # the new head's initialization
+    br = share(base, share_frac, num_classes=n_classes, example_inputs=ex)
+    t0 = time.time()
+    br = run_phase(run, k, Phase("branch", "finetune", [0], run.cfg.new_lr, run.cfg.epochs), br)
+    checkpoint.save_state_dict(branch_state_dict(br), ck)
+    _finish_step(run, k, prog, out, seconds=round(time.time() - t0, 2))
+    return br
+
+
+def _sharing_metrics(cfg: TrainConfig, data: ImageData, runs: List[Run], class_sets: List[List[int]], share_frac: float,
+                     base: nn.Module, branches: List[nn.Module], prog: Dict, seed: int, cost: bool) -> Dict:
+    """Evaluate the branched network of a ``sharing`` run and write its ``metrics.json``."""
+    dev = runs[0].device
     net = BranchedNet(base, class_sets[0])
     for br, s in zip(branches, class_sets[1:]):
         net.add_branch(br, s)
@@ -288,9 +307,7 @@ def run_sharing(cfg: TrainConfig, class_sets: List[List[int]], share_frac: float
     if flops is not None:
         entry["train_flops"] = flops
     config = {**asdict(cfg), "seed": seed, "class_sets": class_sets, "share": share_frac}
-    metrics = write_metrics(out, data, config, [entry], **extra)
-    checkpoint.remove_empty_dir(runs[0].work)
-    return metrics
+    return write_metrics(runs[0].out, data, config, [entry], **extra)
 
 
 def _cost_summary(cfg: TrainConfig, data: ImageData, dev, base: nn.Module, branch: nn.Module, n_out: int) -> Dict:
@@ -397,56 +414,76 @@ def sweep_sharing(cfg: TrainConfig, class_sets: List[List[int]], shares: Sequenc
     runs_for: Dict[int, float] = {}  # n_shared_layers -> the share trained for it
     for s in shares:
         runs_for.setdefault(plans[s].n_shared_layers, s)
-    per_share: Dict[float, List[Dict]] = {s: [] for s in shares}
-    for seed in seeds:
-        base_ckpt = out / _share_dir(0.0) / f"seed{seed}" / "step1.safetensors"
-        results: Dict[float, Dict] = {}
-        for s in sorted(set(runs_for.values())):
-            results[s] = run_sharing(cfg, class_sets, s, out / _share_dir(s) / f"seed{seed}", seed, data,
-                                     base_from=None if s == 0.0 else base_ckpt, cost=cost)
-        for s in shares:
-            per_share[s].append(results[runs_for[plans[s].n_shared_layers]])
-    rows = []
-    for s in shares:
-        ms = per_share[s]
-        e = [m["steps"][0] for m in ms]
-        c = [m.get("cost", {}) for m in ms]
-        row = {"share": s, "shared_fraction": round(plans[s].shared_fraction, 4),
-               "n_shared_layers": plans[s].n_shared_layers, "cut": plans[s].cut,
-               "trained_as": runs_for[plans[s].n_shared_layers],
-               "val_acc": round(_mean([x["val_acc"] for x in e]), 4),
-               "test_acc": round(_mean([x["test_acc"] for x in e]), 4),
-               "test_acc_std": round(statistics.stdev([x["test_acc"] for x in e]), 4) if len(e) > 1 else 0.0,
-               "n_seeds": len(e)}
-        for i in range(len(class_sets)):
-            row[f"set{i + 1}_test_acc"] = round(_mean([m["per_set"][i]["test_acc"] for m in ms]), 4)
-        row["branch_seconds"] = round(_mean([sum(p["seconds"] for p in m["per_set"][1:]) for m in ms]), 2)
-        if cost:
-            row["train_macs_per_iter"] = c[0].get("train_macs_per_iter")
-            row["trainable_params"] = c[0].get("trainable_params")
-            row["stored_params"] = ms[0]["stored_params"]
-            row["sec_per_iter"] = _round(_mean([x.get("sec_per_iter") for x in c]), 5)
-            row["peak_mem_mb"] = _round(_mean([x.get("peak_mem_mb") for x in c]), 2)
-        rows.append(row)
+    trained_as = {s: runs_for[plans[s].n_shared_layers] for s in shares}
+    per_share = _sweep_runs(cfg, class_sets, trained_as, out, seeds, data, cost)
+    rows = [_sweep_row(s, plans[s], trained_as[s], per_share[s], len(class_sets), cost) for s in shares]
     if cost:
-        ref = rows[0]
-        for r in rows:
-            r["train_macs_rel"] = round(r["train_macs_per_iter"] / ref["train_macs_per_iter"], 4)
-            r["sec_per_iter_rel"] = _round(r["sec_per_iter"] / ref["sec_per_iter"] if ref["sec_per_iter"] else None, 4)
+        _relative_costs(rows)
     chosen = choose(rows, max_drop)
     for r in rows:
         r["chosen"] = int(r is chosen)
     result = {"model": cfg.model, "data": data.name, "class_sets": class_sets, "seeds": list(seeds),
               "max_drop": max_drop, "epochs": cfg.epochs, "subset": cfg.subset, "chosen_share": chosen["share"],
               "rows": rows}
+    _write_sweep(out, result, max_drop, title or f"{cfg.model} on {data.name}")
+    return result
+
+
+def _sweep_runs(cfg: TrainConfig, class_sets: List[List[int]], trained_as: Dict[float, float], out: Path,
+                seeds: Sequence[int], data: ImageData, cost: bool) -> Dict[float, List[Dict]]:
+    """Run :func:`run_sharing` once per distinct shared prefix and seed; ``share -> [metrics per seed]``."""
+    per_share: Dict[float, List[Dict]] = {s: [] for s in trained_as}
+    for seed in seeds:
+        base_ckpt = out / _share_dir(0.0) / f"seed{seed}" / "step1.safetensors"
+        results: Dict[float, Dict] = {}
+        for s in sorted(set(trained_as.values())):
+            results[s] = run_sharing(cfg, class_sets, s, out / _share_dir(s) / f"seed{seed}", seed, data,
+                                     base_from=None if s == 0.0 else base_ckpt, cost=cost)
+        for s in trained_as:
+            per_share[s].append(results[trained_as[s]])
+    return per_share
+
+
+def _sweep_row(s: float, plan, trained_as: float, ms: List[Dict], n_sets: int, cost: bool) -> Dict:
+    """One row of the sweep: share ``s``'s plan and its metrics ``ms`` averaged over seeds."""
+    e = [m["steps"][0] for m in ms]
+    c = [m.get("cost", {}) for m in ms]
+    row = {"share": s, "shared_fraction": round(plan.shared_fraction, 4),
+           "n_shared_layers": plan.n_shared_layers, "cut": plan.cut, "trained_as": trained_as,
+           "val_acc": round(_mean([x["val_acc"] for x in e]), 4),
+           "test_acc": round(_mean([x["test_acc"] for x in e]), 4),
+           "test_acc_std": round(statistics.stdev([x["test_acc"] for x in e]), 4) if len(e) > 1 else 0.0,
+           "n_seeds": len(e)}
+    for i in range(n_sets):
+        row[f"set{i + 1}_test_acc"] = round(_mean([m["per_set"][i]["test_acc"] for m in ms]), 4)
+    row["branch_seconds"] = round(_mean([sum(p["seconds"] for p in m["per_set"][1:]) for m in ms]), 2)
+    if cost:
+        row["train_macs_per_iter"] = c[0].get("train_macs_per_iter")
+        row["trainable_params"] = c[0].get("trainable_params")
+        row["stored_params"] = ms[0]["stored_params"]
+        row["sec_per_iter"] = _round(_mean([x.get("sec_per_iter") for x in c]), 5)
+        row["peak_mem_mb"] = _round(_mean([x.get("peak_mem_mb") for x in c]), 2)
+    return row
+
+
+def _relative_costs(rows: List[Dict]) -> None:
+    """Add ``train_macs_rel`` and ``sec_per_iter_rel`` (relative to the first row, no sharing) to every row."""
+    ref = rows[0]
+    for r in rows:
+        r["train_macs_rel"] = round(r["train_macs_per_iter"] / ref["train_macs_per_iter"], 4)
+        r["sec_per_iter_rel"] = _round(r["sec_per_iter"] / ref["sec_per_iter"] if ref["sec_per_iter"] else None, 4)
+
+
+def _write_sweep(out: Path, result: Dict, max_drop: float, title: str) -> None:
+    """``sweep.json``, ``sweep.csv`` and ``sweep.png`` of a sweep ``result`` in ``out``."""
+    rows = result["rows"]
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_json(result, out / "sweep.json")
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot_sweep(rows, out / "sweep.png", max_drop=max_drop, title=title or f"{cfg.model} on {data.name}")
-    return result
+    plot_sweep(rows, out / "sweep.png", max_drop=max_drop, title=title)
 
 
 def _round(v, nd):
@@ -498,87 +535,5 @@ def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -
     return save_figure(fig, path)
 
 
-def _floats(spec: str) -> List[float]:
-    try:
-        return [float(s) for s in spec.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise ValueError(f"shares: must be comma-separated numbers in [0, 1], got {spec!r}") from None
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """``filtersurgery sweep-sharing``: train every share, write the curve, pick the share on validation."""
-    cfg = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, download=args.download,
-                      method="sharing", split="multi", steps=1, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, subset=args.subset, image_size=args.image_size, device=args.device, amp=args.amp,
-                      channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress)
-    cfg.validate()
-    build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
-    data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
-                                      subset_test=args.test_subset, image_size=cfg.image_size))
-    sets = class_sets_from(args.class_sets, data.num_classes)
-    res = sweep_sharing(cfg, sets, _floats(args.shares), Path(args.out), seeds=args.seeds, data=data,
-                        max_drop=args.max_drop, cost=not args.no_cost)
-    print(format_table(res["rows"]))
-    print(f"chosen: share {res['chosen_share']:g} (largest share with validation accuracy within "
-          f"{args.max_drop:g} points of no sharing)")
-    print(f"wrote {args.out}/sweep.csv, sweep.json, sweep.png")
-    return 0
-
-
-def format_table(rows: List[Dict]) -> str:
-    """A markdown table of the sweep rows."""
-    cols = [("share", "share"), ("shared_fraction", "shared"), ("val_acc", "val"), ("test_acc", "test")]
-    cols += [(k, k.replace("_test_acc", "")) for k in rows[0] if k.startswith("set") and k.endswith("_test_acc")]
-    cols += [(k, n) for k, n in (("train_macs_per_iter", "train MMACs/iter"), ("train_macs_rel", "rel"),
-                                  ("trainable_params", "trainable"), ("stored_params", "stored"),
-                                  ("sec_per_iter", "s/iter"), ("peak_mem_mb", "peak MB"), ("chosen", "chosen"))
-             if k in rows[0]]
-    lines = ["| " + " | ".join(n for _, n in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for k, _ in cols:
-            v = r.get(k)
-            if k == "train_macs_per_iter" and v is not None:
-                v = f"{v / 1e6:.1f}"
-            elif k == "shared_fraction":
-                v = f"{100 * v:.1f}%"
-            elif isinstance(v, float) and (k.endswith("acc") or k == "peak_mem_mb"):
-                v = f"{v:.2f}"
-            elif k in ("trainable_params", "stored_params") and v is not None:
-                v = f"{v:,}"
-            elif k == "chosen":
-                v = "**yes**" if v else ""
-            cells.append("" if v is None else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def add_parsers(sub) -> None:
-    """Register ``sweep-sharing`` (add this module to ``cli.COMMAND_MODULES``)."""
-    d = TrainConfig()
-    from filtersurgery.cli.run import add_model_data_arguments
-
-    p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
-    add_model_data_arguments(p)
-    p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
-    p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
-                   help="comma-separated shares to train (0 is always added; default %(default)s)")
-    p.add_argument("--max-drop", type=float, default=1.0,
-                   help="chosen = largest share with all-class validation accuracy within this many points of "
-                        "no sharing (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per network (default %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
-    p.add_argument("--out", default="runs/sweep_sharing", help="output folder (default %(default)s)")
-    p.add_argument("--subset", type=int, default=None, help="N training images per class set")
-    p.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed class-balanced subset of N test images")
-    p.add_argument("--lr", type=float, default=None,
-                   help="branch learning rate (default 1e-3; the base network trains at 0.1)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (default %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
-                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
-    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
-    p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
-    p.add_argument("--no-cost", action="store_true", help="skip the per-configuration cost measurement")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
-    p.set_defaults(func=cmd_sweep)
+register(MethodSpec(METHODS, SharingConfig, run_method,
+                    help="class-incremental partial network sharing and its class fine-tuning baseline (docs/sharing.md)"))

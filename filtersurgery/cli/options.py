@@ -1,0 +1,102 @@
+"""Command-line flags built from a method's options dataclass, and parsed flags back into it.
+
+A field declared with :func:`filtersurgery.engine.registry.option` (``flag``, ``help``,
+``choices``, ``metavar``, ``type``, ``aliases``) becomes one ``argparse`` argument;
+:func:`add_options` adds them, :func:`options_from_args` builds the dataclass from the
+parsed namespace. Old flag names (``aliases``) keep working and warn with a FutureWarning
+naming the new flag. Fields without a ``flag`` have no flag and keep their defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+from filtersurgery.engine.registry import OPTION_KEY
+
+__all__ = ["OptionAction", "add_options", "options_from_args", "option_fields", "flag_dest"]
+
+
+class OptionAction(argparse.Action):
+    """Stores the flag's value (``const`` for a flag without a value); an old name in ``old_names`` warns.
+
+    The FutureWarning says which flag replaces the old one; the value is stored the same way.
+    """
+
+    def __init__(self, option_strings, dest, old_names: Tuple[str, ...] = (), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.old_names = tuple(old_names)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.old_names:
+            warnings.warn(f"{option_string} is deprecated and will be removed; use {self.option_strings[0]} "
+                          f"(same meaning)", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def flag_dest(flag: str) -> str:
+    """The ``argparse`` destination of ``flag``: ``--reactivation-alpha`` -> ``reactivation_alpha``."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def option_fields(cls) -> List[Tuple[dataclasses.Field, Dict[str, Any]]]:
+    """``(field, option metadata)`` of every field of the dataclass ``cls`` that has a flag, in field order."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"cls: must be an options dataclass, got {cls!r}")
+    return [(f, f.metadata[OPTION_KEY]) for f in dataclasses.fields(cls)
+            if f.metadata.get(OPTION_KEY, {}).get("flag")]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f"{f.name}: an option with a flag needs a default")
+
+
+def _value_type(cls, f: dataclasses.Field):
+    """The field's annotated type, ``Optional[X]`` read as ``X``."""
+    t = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+
+
+def _argument(cls, f: dataclasses.Field, meta: Dict[str, Any]) -> Tuple[List[str], Dict[str, Any]]:
+    """The ``add_argument`` names and keywords of one field."""
+    default = _default(f)
+    kw: Dict[str, Any] = dict(dest=flag_dest(meta["flag"]), default=default, help=meta["help"], action=OptionAction,
+                              old_names=meta["aliases"])
+    vtype = meta["type"] or _value_type(cls, f)
+    if vtype is bool:  # a switch: giving the flag stores the opposite of the default
+        kw.update(nargs=0, const=not default)
+    else:
+        kw["type"] = vtype
+    if meta["choices"] is not None:
+        kw["choices"] = list(meta["choices"])
+    if meta["metavar"] is not None:
+        kw["metavar"] = meta["metavar"]
+    elif meta["choices"] is None and kw.get("nargs") != 0:  # the metavar the flag had under its first name
+        kw["metavar"] = flag_dest((meta["aliases"] or (meta["flag"],))[0]).upper()
+    return [meta["flag"], *meta["aliases"]], kw
+
+
+def add_options(parser, cls, title: Optional[str] = None, description: Optional[str] = None):
+    """Add the flags of the options dataclass ``cls`` to ``parser`` (in a group ``title`` when given).
+
+    Each flag's old names (``aliases``) are accepted too and warn (:class:`OptionAction`).
+    Returns the group (or ``parser``).
+    """
+    target = parser.add_argument_group(title, description) if title else parser
+    for f, meta in option_fields(cls):
+        names, kw = _argument(cls, f, meta)
+        target.add_argument(*names, **kw)
+    return target
+
+
+def options_from_args(cls, args: argparse.Namespace):
+    """The ``cls`` instance of parsed ``args`` (a flag missing from ``args``: the field's default)."""
+    values = {f.name: getattr(args, flag_dest(meta["flag"]), _default(f)) for f, meta in option_fields(cls)}
+    return cls(**values)

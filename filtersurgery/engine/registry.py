@@ -1,0 +1,150 @@
+"""The registry of single-run training methods, filled by importing the modules that implement them.
+
+A method module in ``methods/`` registers itself at import::
+
+    @dataclass
+    class MyOptions:
+        rate: float = option(0.1, flag="--my-rate", help="my method: the rate (default %(default)s)")
+
+    def run_method(cfg: TrainConfig, options: MyOptions, out_dir, seed: int, data) -> dict: ...
+
+    register(MethodSpec(("my-method",), MyOptions, run_method, help="my method: what it does"))
+
+``filtersurgery/methods/__init__.py`` imports every method module and ``import filtersurgery``
+imports ``filtersurgery.methods``, so the registry is complete once the package is imported.
+The engine only reads names from here (:meth:`TrainConfig.validate`); it never imports a
+method module. The command line builds each method's flags from its options dataclass
+(``filtersurgery.cli.options``): a field's :func:`option` metadata names its flag, help,
+choices and old flag names (kept working as deprecated aliases).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+__all__ = ["MethodSpec", "register", "get", "names", "specs", "option", "SINGLE_RUN_METHODS"]
+
+OPTION_KEY = "cli"  # the dataclass field metadata key that :func:`option` fills
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One registered method family: its names, options dataclass, run function and help.
+
+    ``run(cfg, options, out_dir, seed, data) -> metrics`` trains one seed of ``cfg.method``
+    (one of ``names``) with ``options``, an instance of ``options`` (the dataclass), and
+    writes ``metrics.json``. ``title`` names the family's group of CLI flags (default: the
+    last part of the run function's module name).
+    """
+
+    names: Union[str, Tuple[str, ...]]
+    options: type
+    run: Callable[..., Dict]
+    help: str = ""
+    title: str = ""
+
+    def __post_init__(self):
+        names = (self.names,) if isinstance(self.names, str) else tuple(self.names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"names: must be one or more non-empty method names, got {self.names!r}")
+        if not dataclasses.is_dataclass(self.options) or not isinstance(self.options, type):
+            raise ValueError(f"options: must be a dataclass (the method's options), got {self.options!r}")
+        if not callable(self.run):
+            raise ValueError(f"run: must be callable as run(cfg, options, out_dir, seed, data), got {self.run!r}")
+        object.__setattr__(self, "names", names)
+        if not self.title:
+            object.__setattr__(self, "title", self.run.__module__.rsplit(".", 1)[-1])
+
+    @property
+    def module(self) -> str:
+        """The module that implements the method (where ``run`` is defined)."""
+        return self.run.__module__
+
+
+_SPECS: Dict[str, MethodSpec] = {}  # method name -> spec, in registration order
+
+
+def _same(a: MethodSpec, b: MethodSpec) -> bool:
+    """True when ``b`` is ``a`` registered again (its module imported a second time)."""
+    return (a.module, a.run.__qualname__, a.names) == (b.module, b.run.__qualname__, b.names)
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` under each of its names; a name taken by another method is refused (one-line ValueError).
+
+    Registering the same spec again (its module re-imported) replaces it. Returns ``spec``.
+    """
+    if not isinstance(spec, MethodSpec):
+        raise ValueError(f"spec: must be a MethodSpec, got {type(spec).__name__}")
+    for n in spec.names:
+        old = _SPECS.get(n)
+        if old is not None and not _same(old, spec):
+            raise ValueError(f"names: method {n!r} is already registered by {old.module}")
+    for n in spec.names:
+        _SPECS[n] = spec
+    return spec
+
+
+def get(name: str) -> MethodSpec:
+    """The spec registered under ``name`` (one-line KeyError naming the registered methods)."""
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise KeyError(f"method: {name!r} is not a registered single-run method (one of {', '.join(_SPECS)})") from None
+
+
+def names() -> Tuple[str, ...]:
+    """Every registered method name, in registration order."""
+    return tuple(_SPECS)
+
+
+def specs() -> Tuple[MethodSpec, ...]:
+    """Every registered spec once, in registration order."""
+    out = []
+    for s in _SPECS.values():
+        if not any(s is o for o in out):
+            out.append(s)
+    return tuple(out)
+
+
+class _MethodModules(Mapping):
+    """Read-only, live view ``method name -> module implementing it`` of the registry."""
+
+    def __getitem__(self, name: str) -> str:
+        return _SPECS[name].module
+
+    def __contains__(self, name: object) -> bool:
+        return name in _SPECS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_SPECS))
+
+    def __len__(self) -> int:
+        return len(_SPECS)
+
+    def __repr__(self) -> str:
+        return f"SINGLE_RUN_METHODS({dict(self)!r})"
+
+
+SINGLE_RUN_METHODS = _MethodModules()
+
+
+def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "",
+           choices: Optional[Sequence] = None, metavar: Optional[str] = None, aliases: Sequence[str] = (),
+           type: Optional[Callable] = None) -> Any:
+    """A dataclass field whose metadata describes its command-line flag.
+
+    ``flag``: the flag (``--method-name``); ``help``: its argparse help (``%(default)s``
+    allowed); ``choices``/``metavar``/``type``: as for ``argparse.add_argument`` (``type``
+    defaults to the field's annotation); ``aliases``: old flag names that keep working and
+    warn with a FutureWarning. A field without a ``flag`` has no command-line flag.
+    """
+    if flag is not None and not (isinstance(flag, str) and flag.startswith("--")):
+        raise ValueError(f"flag: must start with '--', got {flag!r}")
+    bad = [a for a in aliases if not (isinstance(a, str) and a.startswith("--"))]
+    if bad:
+        raise ValueError(f"aliases: each must start with '--', got {bad[0]!r}")
+    meta = {OPTION_KEY: {"flag": flag, "help": help, "choices": None if choices is None else tuple(choices),
+                         "metavar": metavar, "aliases": tuple(aliases), "type": type}}
+    return dataclasses.field(default=default, metadata=meta)

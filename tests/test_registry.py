@@ -1,0 +1,199 @@
+"""The method registry (engine/registry.py) and the flags built from options dataclasses (cli/options.py)."""
+import argparse
+import ast
+import inspect
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+import filtersurgery
+from filtersurgery import train
+from filtersurgery.cli.main import build_parser, main
+from filtersurgery.cli.options import add_options, options_from_args
+from filtersurgery.engine import registry
+from filtersurgery.engine.registry import MethodSpec, option
+from filtersurgery.methods.growth import GrowthConfig
+from filtersurgery.methods.reactivation import ReactivationMethodConfig
+from filtersurgery.methods.sharing import SharingConfig
+
+ALL = ("plain", "reactivation", "weight-evolution", "filter-grafting", "sharing", "class-finetune", "growth")
+# old flag -> its new name (the old one keeps working and warns)
+RENAMED = {"--alpha": "--reactivation-alpha", "--beta": "--reactivation-beta", "--gamma": "--reactivation-gamma",
+           "--period": "--reactivation-period", "--window": "--growth-window",
+           "--lookahead-epochs": "--growth-lookahead-epochs", "--init": "--growth-init"}
+
+
+def _run_parser():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["run"]
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry as it is, restored after the test (tests may register methods)."""
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+
+
+# ------------------------------------------------------------------ the registry
+def test_import_filtersurgery_registers_every_method_in_order():
+    assert registry.names() == ALL
+    assert tuple(train.SINGLE_RUN_METHODS) == ALL
+    assert dict(train.SINGLE_RUN_METHODS) == {
+        **{m: "filtersurgery.methods.reactivation" for m in ALL[:4]},
+        "sharing": "filtersurgery.methods.sharing", "class-finetune": "filtersurgery.methods.sharing",
+        "growth": "filtersurgery.methods.growth"}
+    assert [s.options for s in registry.specs()] == [ReactivationMethodConfig, SharingConfig, GrowthConfig]
+    assert [s.title for s in registry.specs()] == ["reactivation", "sharing", "growth"]
+    with pytest.raises(TypeError):
+        train.SINGLE_RUN_METHODS["mine"] = "x"  # a read-only view
+
+
+def test_engine_alone_sees_the_full_registry():
+    code = "from filtersurgery.engine import trainer; print(','.join(trainer.SINGLE_RUN_METHODS))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ",".join(ALL)
+
+
+def test_run_functions_take_options_not_a_namespace():
+    for spec in registry.specs():
+        assert list(inspect.signature(spec.run).parameters) == ["cfg", "options", "out_dir", "seed", "data"]
+
+
+def test_no_argparse_in_the_library_below_cli():
+    pkg = Path(filtersurgery.__file__).parent
+    bad = []
+    for path in sorted(pkg.rglob("*.py")):
+        if "cli" in path.relative_to(pkg).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.name}:{node.lineno}" for n in names if n.split(".")[0] == "argparse"]
+    assert not bad, bad
+
+
+def test_register_refuses_a_taken_name_and_accepts_a_new_method(scratch_registry):
+    @dataclass
+    class Opts:
+        rate: float = option(0.5, flag="--toy-rate", help="toy: a rate (default %(default)s)")
+
+    def run(cfg, options, out_dir, seed, data):
+        return {"rate": options.rate}
+
+    with pytest.raises(ValueError, match="'growth' is already registered by filtersurgery.methods.growth"):
+        registry.register(MethodSpec(("toy", "growth"), Opts, run))
+    assert "toy" not in registry.names()  # nothing half-registered
+    registry.register(MethodSpec("toy", Opts, run, help="a toy method"))
+    registry.register(MethodSpec("toy", Opts, run, help="a toy method"))  # its module imported again: fine
+    assert registry.names() == ALL + ("toy",) and registry.get("toy").title == "test_registry"
+    train.TrainConfig(method="toy").validate()  # the engine accepts it without knowing its module
+    p = _run_parser()
+    args = p.parse_args(["--method", "toy", "--toy-rate", "0.25"])
+    assert registry.get("toy").run(None, options_from_args(Opts, args), None, 0, None) == {"rate": 0.25}
+    with pytest.raises(KeyError, match="'nope' is not a registered single-run method"):
+        registry.get("nope")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(names=()), "names"), (dict(options=dict), "options"), (dict(run=1), "run")])
+def test_method_spec_refuses_bad_fields(bad, match):
+    spec = dict(names="x", options=GrowthConfig, run=lambda *a: {})
+    with pytest.raises(ValueError, match=f"^{match}:"):
+        MethodSpec(**{**spec, **bad})
+
+
+def test_unknown_method_error_lists_every_method():
+    with pytest.raises(ValueError) as e:
+        train.TrainConfig(method="nope").validate()
+    assert str(e.value) == f"method: must be one of {', '.join(train.METHODS + ALL)}, got 'nope'"
+
+
+# ------------------------------------------------------------------ the flag builder
+@dataclass
+class Toy:
+    """Options of a toy method."""
+
+    rate: float = option(0.1, flag="--toy-rate", aliases=("--rate",), help="toy rate (default %(default)s)")
+    kind: str = option("a", flag="--toy-kind", choices=("a", "b"), help="toy kind (default %(default)s)")
+    sets: Optional[str] = option(None, flag="--toy-sets", metavar="N,N", help="toy sets")
+    fast: bool = option(False, flag="--toy-fast", help="toy switch")
+    hidden: int = 7  # no flag
+
+
+def _toy(argv):
+    p = argparse.ArgumentParser()
+    add_options(p, Toy, title="toy options")
+    return p, p.parse_args(argv)
+
+
+def test_builder_round_trips_a_dataclass():
+    p, args = _toy([])
+    assert options_from_args(Toy, args) == Toy()
+    _, args = _toy(["--toy-rate", "0.5", "--toy-kind", "b", "--toy-sets", "1,2", "--toy-fast"])
+    assert options_from_args(Toy, args) == Toy(rate=0.5, kind="b", sets="1,2", fast=True)
+    acts = {a.dest: a for a in p._actions}
+    assert "hidden" not in acts and acts["toy_rate"].type is float and acts["toy_sets"].type is str
+    assert acts["toy_kind"].choices == ["a", "b"] and acts["toy_sets"].metavar == "N,N"
+    assert acts["toy_rate"].option_strings == ["--toy-rate", "--rate"] and acts["toy_rate"].metavar == "RATE"
+    assert options_from_args(Toy, argparse.Namespace()) == Toy()  # flags missing from args: the defaults
+    with pytest.raises(SystemExit):
+        _toy(["--toy-kind", "c"])
+
+
+def test_old_flag_name_works_and_warns_the_new_one_does_not():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, new = _toy(["--toy-rate", "0.5"])
+        assert not caught
+        _, old = _toy(["--rate", "0.5"])
+    assert options_from_args(Toy, old) == options_from_args(Toy, new)
+    assert [w.category for w in caught] == [FutureWarning]
+    assert "--rate is deprecated" in str(caught[0].message) and "use --toy-rate" in str(caught[0].message)
+
+
+def test_run_has_every_method_flag_with_the_dataclass_defaults():
+    acts = {s: a for a in _run_parser()._actions for s in a.option_strings}
+    for spec in registry.specs():
+        for f in fields(spec.options):
+            meta = f.metadata.get(registry.OPTION_KEY)
+            if meta is None:
+                continue
+            for flag in (meta["flag"], *meta["aliases"]):
+                assert acts[flag].default == f.default and acts[flag].help == meta["help"], flag
+    for old, new in RENAMED.items():
+        assert acts[old] is acts[new]
+    for kept in ("--growth-gamma", "--graft-period", "--share", "--class-sets"):
+        assert acts[kept].option_strings == [kept]
+
+
+@pytest.mark.parametrize("old, new, value", [(o, n, "random" if o == "--init" else "3") for o, n in RENAMED.items()])
+def test_old_and_new_run_flags_give_the_same_options(old, new, value):
+    p = _run_parser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        a, b = p.parse_args([old, value]), p.parse_args([new, value])
+    for cls in (ReactivationMethodConfig, GrowthConfig):
+        assert options_from_args(cls, a) == options_from_args(cls, b)
+
+
+def test_cli_prints_a_deprecated_flag_as_one_warning_line(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        rc = main(["run", "--method", "reactivation", "--alpha", "0.3", "--epochs", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == ["filtersurgery run: warning: --alpha is deprecated and will be removed; use --reactivation-alpha "
+                   "(same meaning)", "filtersurgery run: error: epochs: must be >= 1, got 0"]
+
+
+def test_sweep_sharing_lives_in_cli():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    from filtersurgery.cli import sweep
+
+    assert sub.choices["sweep-sharing"].get_default("func") is sweep.cmd_sweep
