@@ -29,7 +29,7 @@ import torch
 
 from filtersurgery.data.datasets import load_dataset
 from filtersurgery.report.figures import accuracy_per_step, markdown_table
-from filtersurgery.engine.trainer import TrainConfig, multi_step, phase_flops, plan_step
+from filtersurgery.methods.multistep import TrainConfig, multi_step, phase_flops, plan_step
 
 # name -> TrainConfig overrides (epochs multiplier via "_x")
 VARIANTS = {

@@ -27,7 +27,7 @@ import torch
 from filtersurgery.data.datasets import load_dataset
 from filtersurgery.report.figures import accuracy_per_step, markdown_table
 from filtersurgery.cli.run import check_out_dir
-from filtersurgery.engine.trainer import TrainConfig, multi_step
+from filtersurgery.methods.multistep import TrainConfig, multi_step
 
 
 def get_args():

@@ -86,8 +86,8 @@ from filtersurgery.distill.losses import attention_map
 # --- data (data/) ---
 from filtersurgery.data.datasets import ImageData, load_dataset, split_parts
 
-# --- the trainer (engine/trainer.py, public as filtersurgery.train) ---
-from filtersurgery.engine import trainer as train
+# --- the trainer (the multi-step framework in methods/multistep.py on engine/trainer.py, public as filtersurgery.train) ---
+from filtersurgery.methods import multistep as train
 from filtersurgery.engine.trainer import TrainConfig
 
 __all__ = [

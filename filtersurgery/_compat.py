@@ -34,7 +34,7 @@ OLD_PATHS = {  # old module (under filtersurgery.) -> new module (under filtersu
     "augment": "data.augment",
     "cifar_resnet": "models.cifar_resnet",
     "checkpoint": "engine.checkpoint",
-    "train": "engine.trainer",
+    "train": "methods.multistep",
     "console": "cli.console",
     "runner": "cli.run",
     "zoo": "cli.zoo",

@@ -14,6 +14,7 @@ from conftest import run_cli, subcommands, tiny_run_args
 import filtersurgery as fs
 from filtersurgery import train
 from filtersurgery.cli import console
+from filtersurgery.engine import trainer
 from filtersurgery.data import datasets as data
 from filtersurgery.models.cifar_resnet import cifar_resnet
 from filtersurgery.models.factory import build_model
@@ -55,13 +56,13 @@ def test_run_banner_estimate_and_already_complete(tmp_path, capsys):
 
 def test_ctrl_c_prints_one_line_and_rerun_says_where_it_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
-    real = train.Run.log_epoch
+    real = trainer.Run.log_epoch
 
     def log_then_interrupt(self, row):  # Ctrl-C right after the first epoch's state is saved
         real(self, row)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.Run, "log_epoch", log_then_interrupt)
+    monkeypatch.setattr(trainer.Run, "log_epoch", log_then_interrupt)
     rc, _, err = cli(run_args(out), capsys)
     lines = err.strip().splitlines()
     assert rc == 130 and len(lines) == 1, lines
@@ -69,7 +70,7 @@ def test_ctrl_c_prints_one_line_and_rerun_says_where_it_resumes(tmp_path, capsys
                         f"(resume state in {out / 'seed0' / '.work'}); run the same command again to resume")
     assert train.resume_point(out / "seed0") == {"step": 1, "phase": "scratch", "epoch": 1}
 
-    monkeypatch.setattr(train.Run, "log_epoch", real)
+    monkeypatch.setattr(trainer.Run, "log_epoch", real)
     rc, stdout, _ = cli(run_args(out), capsys)
     assert rc == 0
     assert "seed 0: resuming at step 1 (scratch), epoch 2 of 2" in stdout
@@ -118,7 +119,7 @@ def test_estimate_keeps_the_random_streams():
 
 def test_progress_bars_name_the_method(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(train, "_progress", lambda it, desc, total, enable: seen.append(desc) or it)
+    monkeypatch.setattr(trainer, "_progress", lambda it, desc, total, enable: seen.append(desc) or it)
     cfg = train.TrainConfig(model="cifar:resnet20", data="demo", steps=2, method="finetune", epochs=1, subset=8,
                             batch_size=4, max_batches=1, device="cpu")
     train.multi_step(cfg, tmp_path, seed=0, data=data.load_dataset("demo"))

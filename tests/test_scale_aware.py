@@ -22,7 +22,8 @@ from filtersurgery.distill.blockfeats import block_sizes, spatial_blocks
 from filtersurgery.data.datasets import load_dataset
 from filtersurgery.ops.ranking import factor_scores, rank_filters, useless_mask
 from filtersurgery.ops.sparsity import lam_for_budget, sparsify
-from filtersurgery.engine.trainer import Phase, Run, TrainConfig, phase_seed, run_phase
+from filtersurgery.engine import trainer
+from filtersurgery.engine.trainer import Phase, PhaseState, Run, TrainConfig, phase_kind, phase_seed, run_phase
 
 
 def _train(model, steps=25, size=28, lr=0.05, seed=0):
@@ -216,7 +217,7 @@ def test_dml_students_diverge_and_kl_has_a_gradient(tmp_path, demo):
     xb, yb = xb[:32], yb[:32]
     students = [copy.deepcopy(start), copy.deepcopy(start)]
     gen = torch.Generator().manual_seed(0)
-    loss = train._batch_loss(run, Phase("dml", "dml", [1], 1e-3, 1), students, None, xb, yb, gen, None, None)
+    loss = phase_kind("dml").batch_loss(run, PhaseState(students), students, xb, yb, gen)
     loss.backward()
     # the KL term alone: the peer's prediction on its own view differs, so the gradient is non-zero
     x1 = augment.normalize(augment.random_crop_flip(xb, generator=torch.Generator().manual_seed(1)),
@@ -246,7 +247,7 @@ def test_decisions_are_evaluated_in_fp32(tmp_path, demo, monkeypatch):
     cfg = TrainConfig(model="cifar:resnet8", steps=2, epochs=1, subset=64, device="cpu", amp="bf16", progress=False)
     run = Run(cfg, 0, tmp_path, demo)
     seen = []
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: seen.append(k.get("amp")) or 50.0)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: seen.append(k.get("amp")) or 50.0)
     run.acc(run.new_model(), [0])
     run.acc(run.new_model())
     assert run.amp is torch.bfloat16 and seen == [None, None]

@@ -9,11 +9,11 @@ import torch
 
 from filtersurgery import train
 
-from filtersurgery.engine import checkpoint
+from filtersurgery.engine import checkpoint, trainer
 from filtersurgery.data.augment import normalize
 from filtersurgery.cli.main import main as cli_main
 from filtersurgery.data.datasets import load_dataset
-from filtersurgery.engine.trainer import METHODS, TrainConfig, multi_step
+from filtersurgery.methods.multistep import METHODS, TrainConfig, multi_step
 
 TINY = dict(model="timm:resnet18", steps=3, epochs=1, subset=64, batch_size=32, max_batches=2, device="cpu",
             progress=False)
@@ -81,7 +81,7 @@ def test_resume_after_interruption(tmp_path, data, monkeypatch):
     ref = multi_step(cfg, tmp_path / "ref", seed=1, data=data)
 
     calls = {"n": 0}
-    real = train._batch_loss
+    real = trainer._batch_loss
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -89,7 +89,7 @@ def test_resume_after_interruption(tmp_path, data, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "_batch_loss", dying)
+    monkeypatch.setattr(trainer, "_batch_loss", dying)
     with pytest.raises(KeyboardInterrupt):
         multi_step(cfg, tmp_path / "run", seed=1, data=data)
     done = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -97,7 +97,7 @@ def test_resume_after_interruption(tmp_path, data, monkeypatch):
     assert (tmp_path / "run" / ".work" / train.STATE_FILE).exists()
     step1_before = (tmp_path / "run" / "step1.safetensors").read_bytes()
 
-    monkeypatch.setattr(train, "_batch_loss", real)
+    monkeypatch.setattr(trainer, "_batch_loss", real)
     res = multi_step(cfg, tmp_path / "run", seed=1, data=data)
     assert [s["step"] for s in res["steps"]] == [1, 2, 3]
     assert (tmp_path / "run" / "step1.safetensors").read_bytes() == step1_before

@@ -8,7 +8,7 @@ streams are the same with or without it.
 Duration estimate (:func:`estimate_seconds`): ``seconds per batch`` (measured) times the
 run's *batch-equivalents*: for every phase still to train, ``batches per epoch x epochs x
 cost factor`` (the factor is the phase's training FLOPs per image relative to plain
-cross-entropy training, :func:`filtersurgery.train.phase_flops`: 1 for ``scratch`` /
+cross-entropy training, the phase kind's ``cost_factor``: 1 for ``scratch`` /
 ``finetune`` / ``sst``, 4/3 for ``sst_msl``, 4 for two-student ``aod``, 2 for ``dml``,
 ``lwm`` and ``scratch2``), plus the validation pass after every epoch and the test pass
 after every step at 1/3 of a training batch per evaluated batch (a forward pass only). It
@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from filtersurgery.engine import checkpoint
 from filtersurgery.data.datasets import ImageData, split_parts
-from filtersurgery.engine.trainer import METHODS, Phase, TrainConfig, phase_flops, plan_step, resume_point
+from filtersurgery.engine.trainer import METHODS, Phase, TrainConfig, phase_kind, resume_point
+from filtersurgery.methods.multistep import plan_step
 from filtersurgery.tracing.probe import example_input, preserve_mode
 
 __all__ = ["PlannedPhase", "plan_run", "measure_batch_seconds", "estimate_seconds", "banner", "resume_line",
@@ -69,21 +70,12 @@ def batches_per_epoch(n_train: int, cfg: TrainConfig, world: int = 1) -> int:
     return max(1, n) if cfg.max_batches is None else max(1, min(n, cfg.max_batches))
 
 
-def _cost_factor(phase: Phase, students: int) -> float:
-    """Training FLOPs per image of ``phase`` relative to a plain CE phase (``phase_flops`` ratio)."""
-    one = replace(phase, epochs=1)
-    try:
-        return phase_flops(one, 1, 1, students) / phase_flops(replace(one, kind="scratch"), 1, 1, 1)
-    except KeyError:  # a phase kind the cost table does not know: count it as plain training
-        return 1.0
-
-
 def _phase(cfg: TrainConfig, step: int, phase: Phase, sizes: Sequence[tuple]) -> PlannedPhase:
     n_train = sum(sizes[p][0] for p in phase.parts)
     n_val = sum(sizes[p][1] for p in phase.parts)
-    students = cfg.students if phase.kind == "aod" else (2 if phase.kind in ("dml", "scratch2") else 1)
+    kind = phase_kind(phase.kind)
     return PlannedPhase(step, phase.name, phase.kind, n_train, n_val, phase.epochs, batches_per_epoch(n_train, cfg),
-                        _cost_factor(phase, cfg.students), models=students)
+                        kind.cost_factor(cfg.students), models=kind.models(cfg))
 
 
 def _part_sizes(y: torch.Tensor, parts: int, cfg: TrainConfig, seed: int) -> List[tuple]:

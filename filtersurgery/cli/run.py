@@ -266,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from filtersurgery.cli.console import interrupted_line
     from filtersurgery.data.datasets import check_classes, load_dataset
     from filtersurgery.models.factory import build_model
-    from filtersurgery.engine.trainer import barrier, is_main_process, multi_step
+    from filtersurgery.methods.multistep import barrier, is_main_process, multi_step
 
     cfg = config_from_args(args)
     cfg.validate()
@@ -351,7 +351,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from filtersurgery.cli.console import banner, estimate_line, plan_run, timed_batch
     from filtersurgery.data.datasets import load_dataset
     from filtersurgery.report.figures import accuracy_per_step
-    from filtersurgery.engine.trainer import amp_dtype, multi_step, resolve_device
+    from filtersurgery.methods.multistep import amp_dtype, multi_step, resolve_device
 
     data = load_dataset("fashion-mnist", root=args.data_root, allow_demo=True)
     out = Path(args.out)

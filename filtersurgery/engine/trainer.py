@@ -1,56 +1,41 @@
-"""The multi-step trainer: docs/method.md §1-4 composed into steps, plus the §9 baselines.
+"""The training engine: ``TrainConfig``, one seed's ``Run`` and the one training loop, ``run_phase``.
 
-Read top to bottom, a step of the framework is::
+A *phase* (``engine/phases.py``) trains one or two models for ``phase.epochs`` epochs; what
+it trains and with which loss comes from its kind (a ``PhaseKind``), the loop around it is
+``run_phase`` here: SGD with momentum and weight decay, a cosine schedule per phase, AMP,
+DistributedDataParallel under torchrun, a resumable state after every epoch (``.work/state.pt``)
+and the phase's output model when it finishes, so a killed run re-run with the same
+arguments continues from its last finished epoch.
 
-    step 1            train Data1 from scratch (CE, lr 0.1)                       -> M1
-    step 2            SST on Data1 (CE + selective L1)                            -> S
-                      Dri(S, I=0.1), Dri(S, I=0.2)  -> two students
-                      AOD on Data2 (eqs. 5-8), keep the better student on val     -> M2
-    step k >= 3       SST on Data_k with MSL (eq. 9: KL + AT to the teacher M_{k-1},
-                      classifier frozen, teacher <- student when val improves)      -> S
-                      Dri x2 + AOD on Data_k                                       -> M_k
-
-Every step is a list of *phases* (``scratch``, ``sst``, ``aod``, ``finetune``, ...). A
-phase trains one or two models for ``cfg.epochs`` epochs and writes a resumable state
-after every epoch; a finished phase writes its output model, so a killed run re-run with
-the same arguments continues from its last finished epoch.
-
-The baselines swap the phases of steps >= 2: ``finetune`` (CE at ``lr``), ``bst``
-(network slimming instead of SST), ``dml`` (two students, CE + KL to the peer), ``lwm``
-(CE + KD + Grad-CAM attention distillation from the previous model), ``joint`` (from
-scratch on all data seen so far). ``single_step`` is ``multi_step`` with two parts.
+The multi-step framework (steps of phases, its phase kinds and baselines, ``multi_step``)
+is ``filtersurgery/methods/multistep.py``, public as ``filtersurgery.train``.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from filtersurgery.data import augment
-
-from filtersurgery.engine import checkpoint
-from filtersurgery.engine.registry import SINGLE_RUN_METHODS  # read-only view, filled by methods/ at import
-
-from filtersurgery.distill import losses
-
-from filtersurgery.ops import warmstart
-from filtersurgery.distill.blockfeats import capture_blocks, spatial_blocks
 from filtersurgery.data.datasets import BatchLoader, ImageData, load_dataset, split_parts
+from filtersurgery.engine import checkpoint
+from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, Phase, PhaseKind, PhaseState, WarmStart,
+                                         phase_flops, phase_kind, register_phase_kind, register_warm_start,
+                                         warm_start_op)
+from filtersurgery.engine.registry import SINGLE_RUN_METHODS  # read-only view, filled by methods/ at import
 from filtersurgery.models.factory import build_model
-from filtersurgery.ops.reinit import rescale
+# TrainConfig.validate checks option values with the operations' own checks (ranking names, SST's e_cut_fraction)
 from filtersurgery.ops.ranking import check_ranking
-from filtersurgery.ops.sparsity import SparsityConfig, lam_for_budget, sparsify
+from filtersurgery.ops.sparsity import SparsityConfig
 from filtersurgery.tracing.probe import eval_mode, example_input
 
 METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
@@ -321,72 +306,7 @@ def forward_flops(model: nn.Module, data: ImageData, device) -> int:
     return int(fc.get_total_flops())
 
 
-# --------------------------------------------------------------------------- phases
-@dataclass
-class Phase:
-    """One training phase of a step: which models train, on which data, with what loss."""
-
-    name: str
-    kind: str  # scratch | finetune | sst | sst_msl | aod | dml | lwm
-    parts: List[int]  # data parts (0-based) whose train/val split is used
-    lr: float
-    epochs: int
-    selective: bool = True
-    # called after every epoch's batches, before the resumable state is saved:
-    # ``epoch_end(models, epoch, lr) -> dict | None`` (the dict's items go to the log row).
-    # Single-run methods use it for per-epoch surgery (kernel reactivation, weight
-    # evolution, filter grafting).
-    epoch_end: Optional[Callable[[List[nn.Module], int, float], Optional[Dict]]] = None
-    # a warm-start operation applied to the incoming model before the phase's first epoch
-    # ("shrink-perturb" or "dash", filtersurgery.ops.warmstart)
-    warm_start: Optional[str] = None
-
-
-def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
-    """The phases of step ``step`` (1-based) for ``cfg.method`` (module docstring)."""
-    E, k = cfg.epochs, step - 1
-    if step == 1:
-        return [Phase("scratch", "scratch", [0], cfg.scratch_lr, cfg.step1_epochs or E)]
-    m = cfg.method
-    if m == "joint":
-        return [Phase("joint", "scratch", list(range(step)), cfg.scratch_lr, E)]
-    if m == "finetune":
-        return [Phase("finetune", "finetune", [k], cfg.step_lr, E)]
-    if m == "dml":
-        return [Phase("dml", "dml", [k], cfg.step_lr, E)]
-    if m == "lwm":
-        return [Phase("lwm", "lwm", [k], cfg.step_lr, E)]
-    if m in warmstart.WARMSTART_METHODS:  # the op on the incoming model, then fine-tuning on Data_k
-        return [Phase(m, "finetune", [k], cfg.step_lr, E, warm_start=m)]
-    selective = m != "bst"
-    aod = Phase("aod", "aod", [k], cfg.step_lr, E)
-    if not cfg.sst:
-        return [aod]
-    if step == 2:
-        sst = Phase("sst", "sst", [0], cfg.sst_lr, E, selective)
-    elif cfg.msl:
-        sst = Phase("sst", "sst_msl", [k], cfg.sst_lr, E, selective)
-    else:
-        sst = Phase("sst", "sst", [k], cfg.sst_lr, E, selective)
-    return [sst, aod]
-
-
-def phase_flops(phase: Phase, fwd: int, n_images: int, students: int) -> int:
-    """Training FLOPs of a phase: 3x forward per trained model-image, 1x per frozen-teacher image."""
-    per_img = {
-        "scratch": 3 * fwd,
-        "scratch2": 2 * 3 * fwd,
-        "finetune": 3 * fwd,
-        "sst": 3 * fwd,
-        "sst_msl": 3 * fwd + fwd,  # + teacher forward
-        "aod": students * 2 * 3 * fwd,  # two views per student
-        "dml": 2 * 3 * fwd,
-        "lwm": 3 * fwd + fwd,  # + teacher forward (Grad-CAM only back-propagates from the logits to the last block)
-    }[phase.kind]
-    once = 3 * fwd * n_images if phase.warm_start == "dash" else 0  # DASH: one gradient pass over the part
-    return per_img * n_images * phase.epochs + once
-
-
+# --------------------------------------------------------------------------- one seed's run
 class Run:
     """State of one seed of one method: data, parts, output folder, logging."""
 
@@ -471,207 +391,190 @@ def _resumes(state_path: Path, step: int, phase: Phase) -> bool:
     return extra.get("step") == step and extra.get("phase") == phase.name
 
 
-def _warm_start(run: Run, step: int, phase: Phase, model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor) -> None:
-    """Apply ``phase.warm_start`` to the incoming model (once, before the first epoch).
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class _PhaseLoop:
+    """The moving parts of one phase's training: what trains, the loader, SGD, schedule, AMP scaler."""
 
-    Shrink & Perturb draws its noise from a freshly initialised, seeded model of the same
-    spec; DASH takes one gradient pass over the current part's training images, normalized
-    but not augmented.
-    """
-    cfg, dev = run.cfg, run.device
-    if phase.warm_start == "shrink-perturb":
-        g = torch.Generator().manual_seed(phase_seed(run.seed, step, phase.name, "noise:"))
-        warmstart.prepare_step("shrink-perturb", model, cfg=cfg, generator=g, init=run.new_model(seed_offset=1000 + step))
-        return
-    cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=False, device=dev)
-    norm = lambda x: augment.normalize(x, run.data.mean, run.data.std, memory_format=cl)  # noqa: E731
-    warmstart.prepare_step("dash", model, loader, cfg=cfg, transform=norm, amp=run.amp)
+    state: PhaseState
+    loader: BatchLoader
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # the augmentation generator
+    batches: int  # per epoch (``cfg.max_batches`` applied)
+    state_path: Path  # the resumable state file
 
 
 def run_phase(run: Run, step: int, phase: Phase, model: nn.Module) -> nn.Module:
     """Train ``phase`` starting from ``model``; returns the phase's output model.
 
     Writes ``.work/state.pt`` after every epoch (resume) and ``.work/stepK_PHASE.safetensors``
-    when done.
+    when done. What trains and the loss come from the phase's kind (``engine/phases.py``).
     """
-    cfg, dev = run.cfg, run.device
+    kind = phase_kind(phase.kind)
     done_path = run.work / f"step{step}_{phase.name}.safetensors"
     if done_path.exists():  # finished in an earlier (killed) run
-        model.load_state_dict(checkpoint.load_state_dict(done_path, device=str(dev)))
+        model.load_state_dict(checkpoint.load_state_dict(done_path, device=str(run.device)))
         return model
+    loop = _set_up(run, step, phase, kind, model)
+    start_epoch = _resume(step, phase, loop)
+    _train_epochs(run, step, phase, kind, loop, start_epoch)
+    return _finish(run, step, phase, kind, loop.state, done_path)
 
+
+def _set_up(run: Run, step: int, phase: Phase, kind: PhaseKind, model: nn.Module) -> _PhaseLoop:
+    """The warm start, the loader, the kind's models and set-up, SGD and the cosine schedule.
+
+    The order fixes the random streams: the kind's models (new models re-seed the global
+    RNG) before the phase's seed, the kind's set-up (teacher copies, probes) after it.
+    """
+    cfg, dev = run.cfg, run.device
     x_tr, y_tr = run.part_xy(phase.parts, "train")
     state_path = run.work / STATE_FILE
     if phase.warm_start is not None and not _resumes(state_path, step, phase):
-        _warm_start(run, step, phase, model, x_tr, y_tr)
+        warm_start_op(phase.warm_start).apply(run, step, phase, model, x_tr, y_tr)
     world = dist_info()[1]  # under torchrun each rank takes its share of every epoch (BatchLoader)
     loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev,
                          seed=phase_seed(run.seed, step, phase.name, "order:"), drop_last=len(y_tr) > cfg.batch_size * world)
-    # ---- set up the trained model(s) and what the loss needs
-    teacher = None
-    students: List[nn.Module]
-    sp = None
-    frozen: List[nn.Parameter] = []
-    if phase.kind == "scratch":
-        students = [run.new_model()]
-    elif phase.kind == "scratch2":  # two independently initialized networks (filter grafting)
-        students = [run.new_model(), run.new_model(seed_offset=1)]
-    elif phase.kind in ("finetune", "sst", "sst_msl"):
-        students = [model]
-    elif phase.kind == "aod":
-        students = []
-        scales = _sst_scales(run, step)  # Dri ranks and maps back in the units SST used
-        for i in range(cfg.students):
-            s = copy.deepcopy(model)
-            if cfg.dri:
-                g = torch.Generator(device="cpu").manual_seed(phase_seed(run.seed, step, f"dri{i}"))
-                rescale(s, target_r=cfg.target_r, I=cfg.dri_I[i], generator=g, ranking=cfg.ranking, scales=scales)
-            students.append(s)
-    elif phase.kind == "dml":
-        students = [copy.deepcopy(model), copy.deepcopy(model)]
-    elif phase.kind == "lwm":
-        students = [model]
-    else:  # pragma: no cover - plan_step only emits the kinds above
-        raise ValueError(f"phase kind {phase.kind!r}")
-
-    # seeded after the set-up (new_model re-seeds the global RNG for its initialisation)
+    state = PhaseState(kind.students(run, step, phase, model))
+    # seeded after the kind's models (new_model re-seeds the global RNG for its initialisation)
     gen = _seed_everything(phase_seed(run.seed, step, phase.name), dev)
-    if phase.kind in ("sst_msl", "lwm"):
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    if phase.kind == "sst_msl":
-        frozen = classifier_params(students[0])
-        for p in frozen:
-            p.requires_grad_(False)
-    steps_per_epoch = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
-    if phase.kind in ("sst", "sst_msl"):
-        lam = cfg.lam if cfg.lam != "auto" else lam_for_budget(
-            students[0], cfg.target_r, phase.lr, phase.epochs * max(1, steps_per_epoch), cfg.momentum,
-            cfg.lam_safety_msl if phase.kind == "sst_msl" else cfg.lam_safety, cfg.ranking)
-        sp = sparsify(students[0], target_r=cfg.target_r, epochs=phase.epochs, lam=lam, selective=phase.selective,
-                      e_cut_fraction=cfg.e_cut_fraction, ranking=cfg.ranking)
-    # distillation on the blocks whose maps carry spatial information (a 1x1 map has none)
-    block_names = (spatial_blocks(students[0], run.example(phase.parts), cfg.at_min_size, arg="at_min_size")
-                   if phase.kind == "sst_msl" else None)
-    last_block = (spatial_blocks(students[0], run.example(phase.parts), 2, arg="lwm block (map larger than 1x1)")[-1:]
-                  if phase.kind == "lwm" else None)
-
-    params = [p for s in students for p in s.parameters() if p.requires_grad]
+    batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
+    kind.set_up(run, step, phase, state, batches)
+    params = [p for s in state.students for p in s.parameters() if p.requires_grad]
     opt = _sgd(params, phase.lr, cfg)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs * max(1, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs * max(1, batches))
     scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
-    teacher_val = run.acc(teacher, phase.parts) if (teacher is not None and phase.kind == "sst_msl") else None
+    return _PhaseLoop(state, loader, opt, sched, scaler, gen, batches, state_path)
 
-    # ---- resume inside the phase
-    start_epoch = 0
-    if state_path.exists():
-        st = checkpoint.load_training_state(state_path)
-        if st["extra"].get("step") == step and st["extra"].get("phase") == phase.name:
-            sd = st["model"]
-            for i, s in enumerate(students):
-                s.load_state_dict({k[len(f"s{i}.") :]: v for k, v in sd.items() if k.startswith(f"s{i}.")})
-            if teacher is not None:
-                teacher.load_state_dict({k[2:]: v for k, v in sd.items() if k.startswith("t.")})
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["extra"]["sched"])
-            if sp is not None:
-                sp.load_state_dict(st["extra"]["sparsifier"])
-            teacher_val = st["extra"].get("teacher_val", teacher_val)
-            start_epoch = int(st["extra"]["epoch"])
-            checkpoint.set_rng_state(st["extra"]["rng"])
-            gen.set_state(st["extra"]["gen"])
 
-    for s in students:
+def _resume(step: int, phase: Phase, loop: _PhaseLoop) -> int:
+    """Load a saved epoch of this step's ``phase`` into ``loop``; returns the epochs already done (0: none)."""
+    if not loop.state_path.exists():
+        return 0
+    st = checkpoint.load_training_state(loop.state_path)
+    extra = st["extra"]
+    if extra.get("step") != step or extra.get("phase") != phase.name:
+        return 0
+    sd, state = st["model"], loop.state
+    for i, s in enumerate(state.students):
+        s.load_state_dict({k[len(f"s{i}.") :]: v for k, v in sd.items() if k.startswith(f"s{i}.")})
+    if state.teacher is not None:
+        state.teacher.load_state_dict({k[2:]: v for k, v in sd.items() if k.startswith("t.")})
+    loop.opt.load_state_dict(st["optimizer"])
+    loop.sched.load_state_dict(extra["sched"])
+    if state.sparsifier is not None:
+        state.sparsifier.load_state_dict(extra["sparsifier"])
+    state.teacher_val = extra.get("teacher_val", state.teacher_val)
+    checkpoint.set_rng_state(extra["rng"])
+    loop.gen.set_state(extra["gen"])
+    return int(extra["epoch"])
+
+
+def _train_epochs(run: Run, step: int, phase: Phase, kind: PhaseKind, loop: _PhaseLoop, start_epoch: int) -> None:
+    """Epochs ``start_epoch..phase.epochs-1``: train, validate, log; save the resumable state
+    (after every epoch, or every ``cfg.state_every`` seconds and after the last)."""
+    cfg = run.cfg
+    for s in loop.state.students:
         s.train()
-    nets = _ddp_wrap(students, dev)  # what the batch loss calls (the students themselves without torchrun)
+    nets = _ddp_wrap(loop.state.students, run.device)  # what the batch loss calls (the students without torchrun)
     desc = f"{cfg.method} seed{run.seed} step{step} {phase.name}"
     pending: List[Dict] = []  # epochs.csv rows not yet covered by a saved state
     saved_at = time.time()
     for epoch in range(start_epoch, phase.epochs):
         t0 = time.time()
-        loader.set_epoch(epoch)
-        if sp is not None:
-            sp.set_epoch(epoch, phase.epochs)
-        total, nb = 0.0, 0
-        it = _progress(loader, desc=f"{desc} ep{epoch + 1}/{phase.epochs}", total=steps_per_epoch, enable=cfg.progress)
-        for bi, (xb, yb) in enumerate(it):
-            if bi >= steps_per_epoch:
-                break
-            loss = _batch_loss(run, phase, nets, teacher, xb, yb, gen, block_names, last_block)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # the L1 subgradient is added to unscaled gradients
-            if sp is not None:
-                sp.step()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total += loss.detach()
-            nb += 1
-        if not math.isfinite(float(total)):  # checked once per epoch: no host sync per batch
-            raise RuntimeError(
-                f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "
-                f"the last saved state (an earlier epoch) is kept in {state_path}"
-            )
-        _sync_buffers(students)  # torchrun: BN running statistics averaged over ranks
-        row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+        total, nb = _train_epoch(run, step, phase, loop, nets, epoch, desc)
+        _sync_buffers(loop.state.students)  # torchrun: BN running statistics averaged over ranks
+        row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": loop.opt.param_groups[0]["lr"],
                "train_loss": float(total) / max(1, nb), "seconds": round(time.time() - t0, 3)}
-        if phase.epoch_end is not None:
-            row.update(phase.epoch_end(students, epoch, opt.param_groups[0]["lr"]) or {})
-        vals = [run.acc(s, phase.parts) for s in students]
-        for i, v in enumerate(vals):
-            row[f"val_acc{i}"] = round(v, 3)
-        if sp is not None:
-            row["sp_r"] = round(float(sp.sp_r), 4)
-            row["zero_frac"] = round(sp.zero_fraction(), 4)  # SST's goal: >= target_r
-        if teacher is not None and phase.kind == "sst_msl" and cfg.teacher_update and vals[0] > teacher_val:
-            teacher.load_state_dict(students[0].state_dict())  # docs/method.md §4 teacher update
-            teacher_val = vals[0]
-            row["teacher_updated"] = 1
+        _epoch_end(run, phase, kind, loop.state, epoch, row)
         extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
         pending.append({**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""})
         last = epoch + 1 == phase.epochs
         if cfg.state_every <= 0 or last or time.time() - saved_at >= cfg.state_every:
-            sd = {f"s{i}.{k}": v for i, s in enumerate(students) for k, v in s.state_dict().items()}
-            if teacher is not None:
-                sd.update({f"t.{k}": v for k, v in teacher.state_dict().items()})
-            if is_main_process():
-                checkpoint.save_training_state(
-                    state_path, sd, opt.state_dict(),
-                    {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": sched.state_dict(),
-                     "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": teacher_val,
-                     "rng": checkpoint.rng_state(), "gen": gen.get_state()},
-                )
+            _save_state(step, phase, loop, epoch)
             for r in pending:  # after the state: a kill never duplicates a row
                 run.log_epoch(r)
             pending, saved_at = [], time.time()
 
-    # ---- phase output
-    for p in frozen:
+
+def _train_epoch(run: Run, step: int, phase: Phase, loop: _PhaseLoop, nets: List[nn.Module], epoch: int,
+                 desc: str) -> Tuple[Union[torch.Tensor, float], int]:
+    """One epoch's batches: loss, backward, the sparsifier's subgradient, SGD and schedule steps.
+    Returns the summed loss and the number of batches."""
+    loop.loader.set_epoch(epoch)
+    sp = loop.state.sparsifier
+    if sp is not None:
+        sp.set_epoch(epoch, phase.epochs)
+    total, nb = 0.0, 0
+    it = _progress(loop.loader, desc=f"{desc} ep{epoch + 1}/{phase.epochs}", total=loop.batches, enable=run.cfg.progress)
+    for bi, (xb, yb) in enumerate(it):
+        if bi >= loop.batches:
+            break
+        loss = _batch_loss(run, phase, loop.state, nets, xb, yb, loop.gen)
+        loop.opt.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.unscale_(loop.opt)  # the L1 subgradient is added to unscaled gradients
+        if sp is not None:
+            sp.step()
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+        loop.sched.step()
+        total += loss.detach()
+        nb += 1
+    if not math.isfinite(float(total)):  # checked once per epoch: no host sync per batch
+        raise RuntimeError(
+            f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "
+            f"the last saved state (an earlier epoch) is kept in {loop.state_path}"
+        )
+    return total, nb
+
+
+def _epoch_end(run: Run, phase: Phase, kind: PhaseKind, state: PhaseState, epoch: int, row: Dict) -> None:
+    """Fill the epoch's log ``row``: the phase's ``epoch_end`` callback, the students' validation
+    accuracy (``val_acc0``, ``val_acc1``), then the kind's ``epoch_end``."""
+    if phase.epoch_end is not None:
+        row.update(phase.epoch_end(state.students, epoch, row["lr"]) or {})
+    vals = [run.acc(s, phase.parts) for s in state.students]
+    for i, v in enumerate(vals):
+        row[f"val_acc{i}"] = round(v, 3)
+    kind.epoch_end(run, phase, state, epoch, vals, row)
+
+
+def _save_state(step: int, phase: Phase, loop: _PhaseLoop, epoch: int) -> None:
+    """Write the resumable state after ``epoch``: models (``s0.``, ``s1.``, ``t.``), optimizer,
+    schedule, sparsifier, ``teacher_val``, RNG states (rank 0 writes)."""
+    state = loop.state
+    sd = {f"s{i}.{k}": v for i, s in enumerate(state.students) for k, v in s.state_dict().items()}
+    if state.teacher is not None:
+        sd.update({f"t.{k}": v for k, v in state.teacher.state_dict().items()})
+    if is_main_process():
+        sp = state.sparsifier
+        checkpoint.save_training_state(
+            loop.state_path, sd, loop.opt.state_dict(),
+            {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": loop.sched.state_dict(),
+             "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": state.teacher_val,
+             "rng": checkpoint.rng_state(), "gen": loop.gen.get_state()},
+        )
+
+
+def _finish(run: Run, step: int, phase: Phase, kind: PhaseKind, state: PhaseState, done_path: Path) -> nn.Module:
+    """The phase's output: its one model, or the better student on the current data's validation
+    split (docs/method.md §3); the kind's ``finish`` and the output model are written by rank 0."""
+    for p in state.frozen:
         p.requires_grad_(True)
+    students = state.students
     if len(students) == 1:
         out = students[0]
-    else:  # docs/method.md §3: the better student on the current data's validation split
+    else:
         vals = [run.acc(s, phase.parts) for s in students]
         out = students[max(range(len(students)), key=lambda i: vals[i])]
     if is_main_process():
-        if sp is not None:  # the norm scales of SST's start, for Dri (written before the phase counts as done)
-            checkpoint.save_state_dict({"scales": sp.scales.detach().cpu()}, _scales_path(run, step))
+        kind.finish(run, step, phase, state)  # e.g. SST's norm scales (written before the phase counts as done)
         checkpoint.save_state_dict(out.state_dict(), done_path)
     barrier()
     return out
-
-
-def _scales_path(run: Run, step: int) -> Path:
-    return run.work / f"step{step}_sst_scales.safetensors"
-
-
-def _sst_scales(run: Run, step: int) -> Optional[torch.Tensor]:
-    """The per-factor norm scales that this step's SST ranked with (None without an SST phase)."""
-    path = _scales_path(run, step)
-    return checkpoint.load_state_dict(path)["scales"] if path.exists() else None
 
 
 @torch.no_grad()
@@ -717,59 +620,13 @@ def _progress(it, desc: str, total: int, enable: bool):
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
-def _batch_loss(run: Run, phase: Phase, students, teacher, xb, yb, gen, block_names, last_block) -> torch.Tensor:
-    """The loss of one batch for ``phase.kind`` (docs/method.md §1-4, §9)."""
-    cfg, data, dev = run.cfg, run.data, run.device
-    ac = dict(device_type=dev.type, dtype=run.amp, enabled=run.amp is not None)
-    norm = lambda x: augment.normalize(x, data.mean, data.std)  # noqa: E731
-    cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    if phase.kind == "aod":
-        xf, xc = augment.two_views(xb, generator=gen, flip=cfg.aod_flip)
-        xf, xc = norm(xf).contiguous(memory_format=cl), norm(xc).contiguous(memory_format=cl)
-        with torch.autocast(**ac):
-            if len(students) == 2:
-                out = [(s(xf), s(xc)) for s in students]
-                l1, l2, _ = losses.aod_losses(out[0][0], out[0][1], out[1][0], out[1][1], yb,
-                                              alpha=cfg.alpha, T=cfg.kd_temperature)
-                return l1 + l2
-            lf, lc = students[0](xf), students[0](xc)
-            return F.cross_entropy(lf.float(), yb) + cfg.alpha * losses.consistency_loss(lf, lc)
-    x = norm(augment.random_crop_flip(xb, generator=gen)).contiguous(memory_format=cl)
-    with torch.autocast(**ac):
-        if phase.kind in ("scratch", "finetune", "sst"):
-            return F.cross_entropy(students[0](x).float(), yb)
-        if phase.kind == "scratch2":
-            return sum(F.cross_entropy(s(x).float(), yb) for s in students)
-        if phase.kind == "dml":  # each student sees its own augmentation draw: two copies of one model on
-            # one batch never diverge (KL and its gradient exactly 0); the KL then compares the two
-            # students' predictions on two augmentations of the same images (docs/method.md §9)
-            x2 = norm(augment.random_crop_flip(xb, generator=gen)).contiguous(memory_format=cl)
-            a, b = students[0](x), students[1](x2)
-            return losses.dml_loss(a, b, yb) + losses.dml_loss(b, a, yb)
-        if phase.kind == "sst_msl":
-            with torch.no_grad(), capture_blocks(teacher, block_names) as tf:
-                t_logits = teacher(x)
-                t_feats = [tf[n].float() for n in block_names]
-            with capture_blocks(students[0], block_names) as sf:
-                s_logits = students[0](x)
-                s_feats = [sf[n].float() for n in block_names]
-            loss = losses.msl_loss(t_logits.float(), s_logits.float(), t_feats, s_feats,
-                                   at_weight=cfg.at_weight, T=cfg.kd_temperature)
-            return loss + F.cross_entropy(s_logits.float(), yb) if cfg.msl_ce else loss
-        if phase.kind == "lwm":
-            # the teacher is frozen: its Grad-CAM needs a graph, so the input carries the grad
-            with capture_blocks(teacher, last_block) as tf:
-                t_logits = teacher(x.detach().requires_grad_(True))
-                t_feat = tf[last_block[0]]
-            with capture_blocks(students[0], last_block) as sf:
-                s_logits = students[0](x)
-                s_feat = sf[last_block[0]]
-            return losses.lwm_loss(s_logits.float(), t_logits.float(), yb, s_feat, t_feat,
-                                   beta=cfg.lwm_beta, gamma=cfg.lwm_gamma, T=cfg.kd_temperature)
-    raise ValueError(f"phase kind {phase.kind!r}")  # pragma: no cover
+def _batch_loss(run: Run, phase: Phase, state: PhaseState, nets: List[nn.Module], xb: torch.Tensor,
+                yb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The loss of one batch of ``phase``: its kind's ``batch_loss``."""
+    return phase_kind(phase.kind).batch_loss(run, state, nets, xb, yb, gen)
 
 
-# --------------------------------------------------------------------------- steps
+# --------------------------------------------------------------------------- metrics, resume point
 def preprocess_info(data: ImageData) -> Dict:
     """What a re-evaluation needs: normalization mean/std, image size, channels, classes."""
     return {"mean": list(map(float, data.mean)), "std": list(map(float, data.std)), "size": int(data.size),
@@ -795,68 +652,6 @@ def write_metrics(out_dir, data: ImageData, config: Dict, steps: List[Dict], **e
     return metrics
 
 
-def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None,
-               step1_from: Optional[str] = None, until_step: Optional[int] = None,
-               on_step: Optional[Callable[[Dict], None]] = None) -> Dict:
-    """Run ``cfg.steps`` steps of ``cfg.method`` for one seed; returns the metrics dict.
-
-    Writes ``out_dir/stepK.safetensors``, ``out_dir/metrics.json``, ``out_dir/epochs.csv``.
-    Re-running with the same ``out_dir`` resumes. ``step1_from``: a ``step1.safetensors``
-    to reuse (the step-1 model is the same for every method of a seed); ``until_step``:
-    stop after that step (the rest can be run later into the same ``out_dir``); ``on_step``:
-    called with each newly trained step's ``metrics.json`` entry as soon as it is written.
-    """
-    run = Run(cfg, seed, Path(out_dir), data)
-    out = run.out
-    checkpoint.make_dir(out, "out")
-    run.work.mkdir(exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"out: directory {out} is not writable")
-    metrics_path = out / "metrics.json"
-    metrics = checkpoint.read_json(metrics_path) if metrics_path.exists() else {}
-    metrics.setdefault("preprocess", preprocess_info(run.data))
-    metrics.setdefault("steps", [])
-    metrics["config"] = {**asdict(cfg), "seed": seed}
-    done = {s["step"] for s in metrics["steps"]}
-    fwd = None
-
-    model = run.new_model()
-    for step in range(1, (until_step or cfg.steps) + 1):
-        ckpt = out / f"step{step}.safetensors"
-        if step in done and ckpt.exists():
-            model.load_state_dict(checkpoint.load_state_dict(ckpt, device=str(run.device)))
-            continue
-        t0 = time.time()
-        phases = plan_step(cfg, step)
-        if step == 1 and step1_from is not None and Path(step1_from).exists():
-            model.load_state_dict(checkpoint.load_state_dict(step1_from, device=str(run.device)))
-            phases_run = []
-        else:
-            phases_run = phases
-            for phase in phases:
-                model = run_phase(run, step, phase, model)
-        fwd = fwd or forward_flops(model, run.data, run.device)
-        flops = sum(phase_flops(p, fwd, len(run.part_xy(p.parts, "train")[1]), cfg.students if p.kind == "aod" else 1)
-                    for p in phases_run)
-        cur = list(range(step)) if cfg.method == "joint" else [step - 1]
-        entry = {"step": step, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, cur), 4),
-                 "seconds": round(time.time() - t0, 2), "train_flops": flops,
-                 "phases": [p.name for p in phases_run]}
-        metrics["steps"] = [s for s in metrics["steps"] if s["step"] != step] + [entry]
-        if is_main_process():  # under torchrun only rank 0 writes (every rank holds the same model)
-            checkpoint.save_state_dict(model.state_dict(), ckpt)
-            checkpoint.atomic_write_json(metrics, metrics_path)
-            for f in run.work.glob(f"step{step}_*.safetensors"):
-                f.unlink()
-            (run.work / STATE_FILE).unlink(missing_ok=True)
-        barrier()
-        if on_step is not None and is_main_process():
-            on_step(entry)
-    if is_main_process():
-        checkpoint.remove_empty_dir(run.work)
-    return metrics
-
-
 def resume_point(out_dir) -> Optional[Dict]:
     """Where a re-run into ``out_dir`` continues inside a phase: ``{"step", "phase", "epoch"}``
     (``epoch``: epochs of that phase already finished) from ``out_dir/.work/state.pt``, or
@@ -870,6 +665,11 @@ def resume_point(out_dir) -> Optional[Dict]:
     return {"step": int(extra["step"]), "phase": str(extra["phase"]), "epoch": int(extra["epoch"])}
 
 
-def single_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None, **kw) -> Dict:
-    """The single-step (1:1) experiment: ``multi_step`` with ``split='single'``, 2 steps."""
-    return multi_step(replace(cfg, split="single", steps=2), out_dir, seed=seed, data=data, **kw)
+__all__ = [
+    "METHODS", "SINGLE_RUN_METHODS", "STATE_FILE", "TrainConfig", "Run", "run_phase", "phase_seed",
+    "dist_info", "is_main_process", "barrier", "resolve_device", "amp_dtype", "classifier_params", "evaluate",
+    "forward_flops", "preprocess_info", "write_metrics", "resume_point",
+    # phases and their kinds (engine/phases.py)
+    "Phase", "PhaseKind", "PhaseState", "WarmStart", "PHASE_KINDS", "WARM_STARTS", "phase_flops", "phase_kind",
+    "warm_start_op", "register_phase_kind", "register_warm_start",
+]
