@@ -60,7 +60,8 @@ from filtersurgery.ops.checks import check_finite
 from filtersurgery.ops.ranking import FilterRanking, rank_filters, remaining_mean, useless_mask
 from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport, reactivate_kernels
 from filtersurgery.ops.reinit import RescaleReport, rescale
-from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget, sparsify
+from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget
+from filtersurgery.engine.sparse import sparsify  # the operation, plus the SST loop when given a loader
 
 # --- kernel reactivation and its baselines: ops/ and the methods/reactivation callbacks (docs/method.md §5, §9) ---
 from filtersurgery.ops.filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy

@@ -21,7 +21,7 @@ OLD_PATHS = {  # old module (under filtersurgery.) -> new module (under filtersu
     "tracer": "tracing.tracer",
     "norms": "tracing.norms",
     "ranking": "ops.ranking",
-    "sparsity": "ops.sparsity",
+    "sparsity": "engine.sparse",  # the operation plus its loader loop (sparsify(loader=...), train_sparse)
     "reinit": "ops.reinit",
     "reactivation": "ops.reactivation",
     "weight_evolution": "ops.weight_evolution",

@@ -228,7 +228,7 @@ def test_regular_baseline_trains_the_full_network_for_all_epochs(tmp_path, demo)
 def test_cli_growth_run(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["run", "--no-progress", "--method", "growth", "--model", "cifar:resnet8", "--data", "demo",
-            "--epochs", "2", "--window", "2", "--lookahead-epochs", "1", "--growth-gamma", "0.5", "--init", "random",
+            "--epochs", "2", "--growth-window", "2", "--growth-lookahead-epochs", "1", "--growth-gamma", "0.5", "--growth-init", "random",
             "--subset", "20", "--batch-size", "10", "--max-batches", "1", "--device", "cpu", "--out", str(out)]
     assert cli_main(args) == 0
     m = json.loads((out / "seed0" / "metrics.json").read_text())
@@ -239,6 +239,6 @@ def test_cli_growth_run(tmp_path, capsys):
     assert (out / "seed0" / "step1.safetensors").exists() and (out / "seed0" / "stage2.safetensors").exists()
     assert (out / "summary.json").exists()
     capsys.readouterr()
-    assert cli_main(args[:-2] + ["--window", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert cli_main(args[:-2] + ["--growth-window", "1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "window" in err[0]

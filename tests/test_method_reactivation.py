@@ -220,9 +220,9 @@ def cli_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("react")
     runs = {}
     try:
-        for method, extra in (("plain", []), ("reactivation", ["--period", "1", "--gamma", "0.5"]),
-                              ("reactivation-off", ["--period", "1", "--gamma", "0"]),
-                              ("weight-evolution", ["--period", "1"]), ("filter-grafting", [])):
+        for method, extra in (("plain", []), ("reactivation", ["--reactivation-period", "1", "--reactivation-gamma", "0.5"]),
+                              ("reactivation-off", ["--reactivation-period", "1", "--reactivation-gamma", "0"]),
+                              ("weight-evolution", ["--reactivation-period", "1"]), ("filter-grafting", [])):
             out = root / method
             rc = cli_main(["run", "--method", method.replace("-off", ""), "--out", str(out), *TINY, *extra])
             assert rc == 0
@@ -268,7 +268,7 @@ def test_cli_reactivation_noop_equals_plain(cli_runs):
 def test_cli_resume_and_option_guard(cli_runs, capsys):
     d = cli_runs["reactivation"]
     before = (d / "metrics.json").read_text()
-    rc = cli_main(["run", "--method", "reactivation", "--out", str(d.parent), *TINY, "--period", "1", "--gamma", "0.5"])
+    rc = cli_main(["run", "--method", "reactivation", "--out", str(d.parent), *TINY, "--reactivation-period", "1", "--reactivation-gamma", "0.5"])
     assert rc == 0 and (d / "metrics.json").read_text() == before  # finished: returned, not retrained
-    rc = cli_main(["run", "--method", "reactivation", "--out", str(d.parent), *TINY, "--period", "1", "--gamma", "0.3"])
+    rc = cli_main(["run", "--method", "reactivation", "--out", str(d.parent), *TINY, "--reactivation-period", "1", "--reactivation-gamma", "0.3"])
     assert rc == 2 and "gamma=0.5" in capsys.readouterr().err

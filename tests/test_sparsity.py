@@ -9,7 +9,8 @@ from torch import nn
 import filtersurgery as fs
 from filtersurgery.ops.ranking import rank_filters, remaining_mean, useless_mask
 from filtersurgery.tracing.scaling_map import ConvEntry, NormRef, ScalingMap
-from filtersurgery.ops.sparsity import Sparsifier, sp_ratio, sparsify
+from filtersurgery.engine.sparse import sparsify  # the public one: trains when given a loader
+from filtersurgery.ops.sparsity import Sparsifier, sp_ratio
 
 
 class Toy(nn.Module):

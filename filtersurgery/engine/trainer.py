@@ -13,6 +13,7 @@ is ``filtersurgery/methods/multistep.py``, public as ``filtersurgery.train``.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from torch import nn
 from filtersurgery.data import augment
 from filtersurgery.data.datasets import BatchLoader, ImageData, load_dataset, split_parts
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, Phase, PhaseKind, PhaseState, WarmStart,
                                          phase_flops, phase_kind, register_phase_kind, register_warm_start,
                                          warm_start_op)
@@ -501,28 +503,16 @@ def _train_epochs(run: Run, step: int, phase: Phase, kind: PhaseKind, loop: _Pha
 
 def _train_epoch(run: Run, step: int, phase: Phase, loop: _PhaseLoop, nets: List[nn.Module], epoch: int,
                  desc: str) -> Tuple[Union[torch.Tensor, float], int]:
-    """One epoch's batches: loss, backward, the sparsifier's subgradient, SGD and schedule steps.
-    Returns the summed loss and the number of batches."""
+    """One epoch's batches through :func:`~filtersurgery.engine.loop.sgd_batches` (loss, backward, the
+    sparsifier's subgradient, SGD and schedule steps). Returns the summed loss and the number of batches."""
     loop.loader.set_epoch(epoch)
     sp = loop.state.sparsifier
     if sp is not None:
         sp.set_epoch(epoch, phase.epochs)
-    total, nb = 0.0, 0
     it = _progress(loop.loader, desc=f"{desc} ep{epoch + 1}/{phase.epochs}", total=loop.batches, enable=run.cfg.progress)
-    for bi, (xb, yb) in enumerate(it):
-        if bi >= loop.batches:
-            break
-        loss = _batch_loss(run, phase, loop.state, nets, xb, yb, loop.gen)
-        loop.opt.zero_grad(set_to_none=True)
-        loop.scaler.scale(loss).backward()
-        loop.scaler.unscale_(loop.opt)  # the L1 subgradient is added to unscaled gradients
-        if sp is not None:
-            sp.step()
-        loop.scaler.step(loop.opt)
-        loop.scaler.update()
-        loop.sched.step()
-        total += loss.detach()
-        nb += 1
+    total, nb = sgd_batches(itertools.islice(it, loop.batches),
+                            lambda xb, yb: _batch_loss(run, phase, loop.state, nets, xb, yb, loop.gen),
+                            loop.opt, scaler=loop.scaler, sparsifier=sp, sched=loop.sched)
     if not math.isfinite(float(total)):  # checked once per epoch: no host sync per batch
         raise RuntimeError(
             f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "

@@ -28,6 +28,7 @@ epoch: re-running the same command resumes from the last finished epoch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from filtersurgery.data import augment
 
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.data.datasets import BatchLoader, ImageData
 from filtersurgery.ops.growth import (GrownNet, LinearHead, frozen_stages, grow, partition, should_grow,
@@ -249,23 +251,18 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
 
 def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoch: int, n_batches: int,
                  gen: torch.Generator) -> Tuple[float, int]:
-    """One epoch of CE on randomly cropped + flipped batches; returns (summed loss, images seen)."""
+    """One epoch of CE on randomly cropped + flipped batches through the engine's batch loop
+    (:func:`~filtersurgery.engine.loop.sgd_batches`); returns (summed loss, images seen)."""
     cfg, data, dev = run.cfg, run.data, run.device
     cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    loader.set_epoch(epoch)
-    total, n = torch.zeros((), device=dev), 0
-    for bi, (xb, yb) in enumerate(loader):
-        if bi >= n_batches:
-            break
+
+    def loss_fn(xb, yb):
         x = augment.normalize(augment.random_crop_flip(xb, generator=gen), data.mean, data.std).contiguous(memory_format=cl)
         with torch.autocast(dev.type, dtype=run.amp, enabled=run.amp is not None):
-            loss = F.cross_entropy(net(x).float(), yb)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        total += loss.detach() * len(yb)
-        n += len(yb)
+            return F.cross_entropy(net(x).float(), yb)
+
+    loader.set_epoch(epoch)
+    total, n = sgd_batches(itertools.islice(loader, n_batches), loss_fn, opt, scaler=scaler, per_sample=True)
     total = float(total)
     if not math.isfinite(total):
         raise RuntimeError(f"non-finite loss at epoch {epoch + 1}; the last good state is kept in {run.work / STATE_FILE}")

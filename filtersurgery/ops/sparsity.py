@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import warnings
@@ -268,61 +267,6 @@ class Sparsifier:
         )
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def train_sparse(
-    model: nn.Module,
-    sp: Sparsifier,
-    loader,
-    epochs: int,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    loss_fn: Optional[Callable] = None,
-    device=None,
-) -> Sparsifier:
-    """The SST/BST training loop (paper IV-B): SGD lr 0.1, momentum 0.9, wd 1e-4, cosine over ``epochs``.
-
-    The weight decay is the paper's Tiny-ImageNet value (the setting of its Fig. 3).
-    A given ``optimizer`` is used as is, with cosine annealing from its current lr.
-    The model's train/eval mode is restored at the end. An epoch without batches or with a
-    non-finite mean loss raises a one-line ValueError (``loader: ...`` / ``loss: ...``).
-    """
-    device = torch.device(device) if device is not None else _model_device(model)
-    loss_fn = loss_fn or F.cross_entropy
-    opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    was_training = model.training
-    model.train()
-    try:
-        for epoch in range(epochs):
-            sp.set_epoch(epoch, epochs)
-            total, count = torch.zeros((), device=device), 0
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                sp.step()
-                opt.step()
-                total += loss.detach() * len(y)
-                count += len(y)
-            if count == 0:
-                raise ValueError(f"loader: yielded no batches in epoch {epoch}; it must give (x, y) batches every epoch")
-            sched.step()
-            loss_mean = float(total) / count
-            if not math.isfinite(loss_mean):  # checked once per epoch: no host sync per batch
-                raise ValueError(
-                    f"loss: non-finite mean training loss in epoch {epoch} (lr too high or bad data); "
-                    "the weights were updated with it: reload the last good checkpoint"
-                )
-            sp.history[-1]["loss"] = loss_mean
-    finally:
-        model.train(was_training)
-    return sp
-
-
 def sparsify(
     model: ModelOrMap,
     target_r: float = 0.3,
@@ -331,19 +275,18 @@ def sparsify(
     selective: bool = True,
     e_cut_fraction: float = 1.0 / 3.0,
     zero_tol: Optional[float] = None,
-    loader=None,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    loss_fn: Optional[Callable] = None,
-    device=None,
     ranking: str = "global",
 ) -> Sparsifier:
-    """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md).
+    """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md): the Sparsifier.
+
+    The operation trains nothing; :func:`filtersurgery.sparsify` (``engine/sparse.py``) takes a
+    ``loader`` too and then runs the SST loop.
 
     Args:
         model: a model (traced with :func:`filtersurgery.trace`) or a ScalingMap.
         target_r: Target_r in (0, 1): the final fraction of factors driven to 0.
         epochs: E_max for the SP_r schedule; None: SP_r = Target_r from the start
-            (or pass ``total`` to :meth:`Sparsifier.set_epoch`). Required with ``loader``.
+            (or pass ``total`` to :meth:`Sparsifier.set_epoch`).
         lam: lambda of the L1 subgradient (default 1e-4), in the units of ``ranking``;
             :func:`lam_for_budget` gives the lambda that can reach ``target_r`` zeros in a
             given schedule.
@@ -352,8 +295,6 @@ def sparsify(
             first epoch, so only the final targets are ever pushed.
         zero_tol: score counted as converged for the early switch; default
             1e-2 * median score at the start.
-        loader, optimizer, loss_fn, device: with a ``loader`` the SST training loop runs
-            here (:func:`train_sparse`) and the trained Sparsifier is returned.
         ranking: ``"global"`` (the paper: |gamma| across all norms) or ``"per-norm"`` (|gamma|
             over the mean |gamma| of its own norm at the start; the L1 push on a factor is
             ``lam`` times that scale).
@@ -363,13 +304,7 @@ def sparsify(
     """
     sm = as_scaling_map(model)
     cfg = SparsityConfig(target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking)
-    sp = Sparsifier(sm, cfg)
-    if loader is not None:
-        if epochs is None:
-            raise ValueError("epochs: required (an integer >= 1) when a loader is given")
-        net = model if isinstance(model, nn.Module) else sm.module
-        train_sparse(net, sp, loader, int(epochs), optimizer, loss_fn, device)
-    return sp
+    return Sparsifier(sm, cfg)
 
 
 def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, momentum: float = 0.9,
@@ -402,4 +337,4 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
     return safety * q / per_lam
 
 
-__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse", "lam_for_budget"]
+__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "lam_for_budget"]

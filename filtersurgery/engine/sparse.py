@@ -1,0 +1,99 @@
+"""``filtersurgery.sparsify``: the SST/BST sparsifier and, given a loader, its training loop.
+
+The operation itself (:func:`filtersurgery.ops.sparsity.sparsify`) builds a
+:class:`~filtersurgery.ops.sparsity.Sparsifier` and trains nothing; here a ``loader``
+makes it train, through the engine's batch loop (:func:`~filtersurgery.engine.loop.sgd_batches`).
+The old module path ``filtersurgery.sparsity`` is this module: it re-exports the operation's
+public names, so ``filtersurgery.sparsity.sparsify(model, loader=...)`` keeps training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from filtersurgery.engine.loop import sgd_batches
+from filtersurgery.ops import sparsity as _op
+from filtersurgery.ops.ranking import ModelOrMap, as_scaling_map
+from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, e_cut_of, lam_for_budget, sp_ratio  # noqa: F401
+from filtersurgery.tracing.probe import preserve_mode
+
+__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse", "lam_for_budget"]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def train_sparse(
+    model: nn.Module,
+    sp: Sparsifier,
+    loader,
+    epochs: int,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    loss_fn: Optional[Callable] = None,
+    device=None,
+) -> Sparsifier:
+    """The SST/BST training loop (paper IV-B): SGD lr 0.1, momentum 0.9, wd 1e-4, cosine over ``epochs``.
+
+    The weight decay is the paper's Tiny-ImageNet value (the setting of its Fig. 3).
+    A given ``optimizer`` is used as is, with cosine annealing from its current lr.
+    The model's train/eval mode is restored at the end. An epoch without batches or with a
+    non-finite mean loss raises a one-line ValueError (``loader: ...`` / ``loss: ...``).
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    loss_fn = loss_fn or F.cross_entropy
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    batch_loss = lambda x, y: loss_fn(model(x), y)  # noqa: E731
+    with preserve_mode(model, train=True):
+        for epoch in range(epochs):
+            sp.set_epoch(epoch, epochs)
+            on_device = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+            total, count = sgd_batches(on_device, batch_loss, opt, sparsifier=sp, per_sample=True)
+            if count == 0:
+                raise ValueError(f"loader: yielded no batches in epoch {epoch}; it must give (x, y) batches every epoch")
+            sched.step()
+            loss_mean = float(total) / count
+            if not math.isfinite(loss_mean):  # checked once per epoch: no host sync per batch
+                raise ValueError(
+                    f"loss: non-finite mean training loss in epoch {epoch} (lr too high or bad data); "
+                    "the weights were updated with it: reload the last good checkpoint"
+                )
+            sp.history[-1]["loss"] = loss_mean
+    return sp
+
+
+def sparsify(
+    model: ModelOrMap,
+    target_r: float = 0.3,
+    epochs: Optional[int] = None,
+    lam: float = 1e-4,
+    selective: bool = True,
+    e_cut_fraction: float = 1.0 / 3.0,
+    zero_tol: Optional[float] = None,
+    loader=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    loss_fn: Optional[Callable] = None,
+    device=None,
+    ranking: str = "global",
+) -> Sparsifier:
+    """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md).
+
+    Without ``loader`` this is :func:`filtersurgery.ops.sparsity.sparsify` (its arguments are
+    documented there): a :class:`Sparsifier` at epoch 0 that the caller steps after each
+    backward. With a ``loader`` of ``(x, y)`` batches (``epochs`` required) the SST loop runs
+    here (:func:`train_sparse`, with ``optimizer``, ``loss_fn``, ``device``) and the trained
+    Sparsifier is returned.
+    """
+    sp = _op.sparsify(model, target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking=ranking)
+    if loader is not None:
+        if epochs is None:
+            raise ValueError("epochs: required (an integer >= 1) when a loader is given")
+        net = model if isinstance(model, nn.Module) else as_scaling_map(model).module
+        train_sparse(net, sp, loader, int(epochs), optimizer, loss_fn, device)
+    return sp
