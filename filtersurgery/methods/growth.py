@@ -31,9 +31,9 @@ import contextlib
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,39 @@ def _pack(model: torch.nn.Module, net: GrownNet) -> Dict[str, torch.Tensor]:
     return sd
 
 
+@dataclass
+class _Growth:
+    """One seed's growth run: what it trains and what it has done so far (the resumable state)."""
+
+    run: Run
+    gcfg: GrowthConfig
+    config: Dict
+    model: torch.nn.Module
+    part: Any
+    phase: int = 0  # index of the phase being trained (``plan``)
+    curve: List[float] = field(default_factory=list)  # validation accuracy (0-1) of the phase's epochs
+    history: List[Dict] = field(default_factory=list)
+    stages: List[Dict] = field(default_factory=list)
+    train_flops: int = 0
+    seconds: float = 0.0
+    head_k: int = 0
+    st: Optional[Dict] = None  # the loaded state while it is being resumed
+    pending_rng: Optional[Dict] = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.run.work / STATE_FILE
+
+    def save(self, net: GrownNet, opt=None, gen: Optional[torch.Generator] = None, phase: Optional[int] = None) -> None:
+        """Write the resumable state (after an epoch: with the optimizer and augmentation generator)."""
+        extra = {"growth": self.config["growth"], "phase": self.phase if phase is None else phase,
+                 "curve": self.curve, "history": self.history, "stages": self.stages, "train_flops": self.train_flops,
+                 "seconds": self.seconds, "head_k": self.head_k, "rng": checkpoint.rng_state()}
+        if gen is not None:
+            extra["gen"] = gen.get_state()
+        checkpoint.save_training_state(self.state_path, _pack(self.model, net), opt.state_dict() if opt else None, extra)
+
+
 def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None) -> Dict:
     """Train one seed with incremental growth (or, ``gcfg.regular``, the full network); returns metrics.
 
@@ -130,122 +163,151 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
     """
     gcfg.validate()
     run = Run(replace(cfg, split="multi", steps=1), seed, Path(out_dir), data)  # one part: all training data
-    out, dev = run.out, run.device
-    out.mkdir(parents=True, exist_ok=True)
+    run.out.mkdir(parents=True, exist_ok=True)
     run.work.mkdir(exist_ok=True)
     config = {**asdict(cfg), "seed": seed, "growth": asdict(gcfg)}
-    metrics_path, final_path, state_path = out / "metrics.json", out / "step1.safetensors", run.work / STATE_FILE
-    if metrics_path.exists():
-        old = checkpoint.read_json(metrics_path)
-        checkpoint.refuse_other_settings(out, old.get("config", {}).get("growth") or {}, config["growth"],
-                                         what="growth options ")
-        if final_path.exists():
-            return old
-
+    done = _finished(run.out, config)
+    if done is not None:
+        return done
     model = run.new_model()
     part = partition(model, example_inputs=example_input(model, (run.data.in_chans, run.data.size, run.data.size)))
+    g = _resume(_Growth(run, gcfg, config, model, part))
     phases = plan(part.K, gcfg)
-    x_tr, y_tr = run.part_xy([0], "train")
-    shape = (run.data.in_chans, run.data.size, run.data.size)
-    lr = _lr(cfg)
-
-    # ---- resume
-    st = checkpoint.load_training_state(state_path) if state_path.exists() else None
-    if st is not None:
-        checkpoint.refuse_other_settings(run.work, st["extra"].get("growth") or {}, config["growth"],
-                                         what="growth options ")
-    ex = st["extra"] if st is not None else {}
-    phase_i, curve = int(ex.get("phase", 0)), list(ex.get("curve", []))
-    history: List[Dict] = list(ex.get("history", []))
-    stages: List[Dict] = list(ex.get("stages", []))
-    cum_flops, seconds, head_k = int(ex.get("train_flops", 0)), float(ex.get("seconds", 0.0)), int(ex.get("head_k", 0))
-    pending_rng = None
-    if st is not None:
-        model.load_state_dict({k[2:]: v for k, v in st["model"].items() if k.startswith("m.")})
-        pending_rng = ex["rng"]
-
     net: Optional[GrownNet] = None
-    for pi in range(phase_i, len(phases)):
+    for pi in range(g.phase, len(phases)):
         k, kind = phases[pi]
-        if net is None or net.k != k:  # a new stage (or a resumed run): S_1..S_k + head
-            resumed_head = st is not None and head_k == k
-            if pending_rng is not None and not resumed_head:
-                checkpoint.set_rng_state(pending_rng)  # the fresh head draws what it drew before the kill
-                pending_rng = None
-            net = grow(part, k)  # a fresh LinearHead for k < K, drawn from the global RNG
-            if resumed_head and isinstance(net.head, LinearHead):
-                net.head.load_state_dict({n[2:]: v for n, v in st["model"].items() if n.startswith("h.")})
-        # else: the same stage after its look-ahead: keep the look-ahead's head
-        if pending_rng is not None:
-            checkpoint.set_rng_state(pending_rng)
-            pending_rng = None
-        head_k = k
-        frozen = k - 1 if kind == "lookahead" else 0
-        with (frozen_stages(net, frozen) if frozen else contextlib.nullcontext()):
-            params = [p for p in net.parameters() if p.requires_grad]
-            opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            gen = torch.Generator(device=dev).manual_seed(seed * 7919 + pi * 31 + 17)
-            if st is not None and int(ex.get("phase", -1)) == pi and curve:
-                opt.load_state_dict(st["optimizer"])
-                gen.set_state(ex["gen"])
-            scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
-            per_img = train_flops_per_image(net, shape)
-            loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=seed * 1000 + pi,
-                                 drop_last=len(y_tr) > cfg.batch_size)
-            n_batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
-            max_epochs = gcfg.lookahead_epochs if kind == "lookahead" else cfg.epochs
-            watch = kind == "train" and not gcfg.regular
-            net.train()
-            while len(curve) < max_epochs and not (watch and should_grow(curve, gcfg.window, gcfg.gamma)):
-                t0 = time.time()
-                epoch = len(curve)
-                loss_sum, n_img = _train_epoch(run, net, opt, scaler, loader, epoch, n_batches, gen)
-                val = run.acc(net, [0])
-                curve.append(val / 100.0)
-                cum_flops += per_img * n_img
-                dt = time.time() - t0
-                seconds += dt
-                angle = window_angles(curve, gcfg.window)[-1] if len(curve) % gcfg.window == 0 else None
-                checkpoint.save_training_state(
-                    state_path, _pack(model, net), opt.state_dict(),
-                    {"growth": config["growth"], "phase": pi, "curve": curve, "history": history, "stages": stages,
-                     "train_flops": cum_flops, "seconds": seconds, "head_k": head_k,
-                     "rng": checkpoint.rng_state(), "gen": gen.get_state()})
-                run.log_epoch({"stage": k, "phase": kind, "epoch": epoch + 1, "lr": lr,
-                               "train_loss": round(loss_sum / max(1, n_img), 5), "val_acc": round(val, 3),
-                               "angle": "" if angle is None else round(angle, 4), "train_flops": cum_flops,
-                               "seconds": round(dt, 3)})
-            stopped = "rule" if (watch and should_grow(curve, gcfg.window, gcfg.gamma)) else "cap"
-        history.append({"k": k, "phase": kind, "epochs": len(curve), "stopped": stopped,
-                        "val_acc": round(100.0 * curve[-1], 4) if curve else None,
-                        "angles": [round(a, 4) for a in window_angles(curve, gcfg.window)], "train_flops_cum": cum_flops})
-        if kind == "train":  # end of stage k
-            t0 = time.time()
-            stages.append({"k": k, "epochs": len(curve),
-                           "lookahead_epochs": sum(h["epochs"] for h in history if h["k"] == k and h["phase"] == "lookahead"),
-                           "stopped": stopped, "val_acc": round(100.0 * curve[-1], 4) if curve else None,
-                           "test_acc": round(run.acc(net), 4), "inference_flops": forward_flops(net, run.data, dev),
-                           "params": sum(p.numel() for p in net.parameters()), "train_flops_cum": cum_flops,
-                           "width": part.widths[k - 1]})
-            checkpoint.save_state_dict(net.state_dict(), out / f"stage{k}.safetensors")
-            seconds += time.time() - t0
-        curve = []
-        st = None
-        checkpoint.save_training_state(
-            state_path, _pack(model, net), None,
-            {"growth": config["growth"], "phase": pi + 1, "curve": [], "history": history, "stages": stages,
-             "train_flops": cum_flops, "seconds": seconds, "head_k": head_k, "rng": checkpoint.rng_state()})
+        g.phase = pi
+        net = _stage_net(g, net, k)
+        stopped = _train_phase(g, net, k, kind)
+        _end_phase(g, net, k, kind, stopped)
+    return _final_metrics(g)
 
-    # ---- the final network is S_1..S_K + the model's own head, i.e. the model itself
-    last = stages[-1]
-    entry = {"step": 1, "test_acc": last["test_acc"], "val_acc": last["val_acc"], "seconds": round(seconds, 2),
-             "train_flops": cum_flops, "inference_flops": last["inference_flops"],
-             "epochs": sum(h["epochs"] for h in history), "stages": stages, "phases": history,
-             "K": part.K, "partition": [list(n) for n in part.names], "init": "regular" if gcfg.regular else gcfg.init}
-    checkpoint.save_state_dict(model.state_dict(), final_path)
-    metrics = write_metrics(out, run.data, config, [entry])
-    state_path.unlink(missing_ok=True)
-    checkpoint.remove_empty_dir(run.work)
+
+def _finished(out: Path, config: Dict) -> Optional[Dict]:
+    """The metrics of a finished run in ``out`` (None when there is none); refuses other growth options."""
+    if not (out / "metrics.json").exists():
+        return None
+    old = checkpoint.read_json(out / "metrics.json")
+    checkpoint.refuse_other_settings(out, old.get("config", {}).get("growth") or {}, config["growth"],
+                                     what="growth options ")
+    return old if (out / "step1.safetensors").exists() else None
+
+
+def _resume(g: _Growth) -> _Growth:
+    """Load the resumable state into ``g`` (the model's weights; the global RNG is set when the next
+    stage's head is drawn, so a fresh head draws what it drew before the kill)."""
+    if not g.state_path.exists():
+        return g
+    st = checkpoint.load_training_state(g.state_path)
+    checkpoint.refuse_other_settings(g.run.work, st["extra"].get("growth") or {}, g.config["growth"],
+                                     what="growth options ")
+    ex = st["extra"]
+    g.phase, g.curve = int(ex.get("phase", 0)), list(ex.get("curve", []))
+    g.history, g.stages = list(ex.get("history", [])), list(ex.get("stages", []))
+    g.train_flops, g.seconds, g.head_k = int(ex.get("train_flops", 0)), float(ex.get("seconds", 0.0)), int(ex.get("head_k", 0))
+    g.model.load_state_dict({k[2:]: v for k, v in st["model"].items() if k.startswith("m.")})
+    g.st, g.pending_rng = st, ex["rng"]
+    return g
+
+
+def _stage_net(g: _Growth, net: Optional[GrownNet], k: int) -> GrownNet:
+    """S_1..S_k + head for stage ``k``: a new one at a new stage (or in a resumed run), else the same
+    (the stage after its look-ahead keeps the look-ahead's head)."""
+    if net is None or net.k != k:
+        resumed_head = g.st is not None and g.head_k == k
+        if g.pending_rng is not None and not resumed_head:
+            checkpoint.set_rng_state(g.pending_rng)  # the fresh head draws what it drew before the kill
+            g.pending_rng = None
+        net = grow(g.part, k)  # a fresh LinearHead for k < K, drawn from the global RNG
+        if resumed_head and isinstance(net.head, LinearHead):
+            net.head.load_state_dict({n[2:]: v for n, v in g.st["model"].items() if n.startswith("h.")})
+    if g.pending_rng is not None:
+        checkpoint.set_rng_state(g.pending_rng)
+        g.pending_rng = None
+    g.head_k = k
+    return net
+
+
+def _train_phase(g: _Growth, net: GrownNet, k: int, kind: str) -> str:
+    """Train one look-ahead or training phase until its cap or the termination rule; returns
+    ``"rule"`` or ``"cap"``."""
+    run, gcfg, cfg, dev, pi = g.run, g.gcfg, g.run.cfg, g.run.device, g.phase
+    frozen = k - 1 if kind == "lookahead" else 0
+    with (frozen_stages(net, frozen) if frozen else contextlib.nullcontext()):
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=_lr(cfg), momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        gen = torch.Generator(device=dev).manual_seed(run.seed * 7919 + pi * 31 + 17)
+        if g.st is not None and int(g.st["extra"].get("phase", -1)) == pi and g.curve:
+            opt.load_state_dict(g.st["optimizer"])
+            gen.set_state(g.st["extra"]["gen"])
+        scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
+        per_img = train_flops_per_image(net, (run.data.in_chans, run.data.size, run.data.size))
+        x_tr, y_tr = run.part_xy([0], "train")
+        loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=run.seed * 1000 + pi,
+                             drop_last=len(y_tr) > cfg.batch_size)
+        n_batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
+        max_epochs = gcfg.lookahead_epochs if kind == "lookahead" else cfg.epochs
+        watch = kind == "train" and not gcfg.regular
+        net.train()
+        while len(g.curve) < max_epochs and not (watch and should_grow(g.curve, gcfg.window, gcfg.gamma)):
+            _epoch(g, net, k, kind, (opt, scaler, loader, n_batches, gen), per_img)
+        return "rule" if (watch and should_grow(g.curve, gcfg.window, gcfg.gamma)) else "cap"
+
+
+def _epoch(g: _Growth, net: GrownNet, k: int, kind: str, training, per_img: int) -> None:
+    """One epoch: train, validate, count FLOPs, save the state, then log the row (a kill never
+    duplicates a row)."""
+    opt, scaler, loader, n_batches, gen = training
+    t0 = time.time()
+    epoch = len(g.curve)
+    loss_sum, n_img = _train_epoch(g.run, net, opt, scaler, loader, epoch, n_batches, gen)
+    val = g.run.acc(net, [0])
+    g.curve.append(val / 100.0)
+    g.train_flops += per_img * n_img
+    dt = time.time() - t0
+    g.seconds += dt
+    angle = window_angles(g.curve, g.gcfg.window)[-1] if len(g.curve) % g.gcfg.window == 0 else None
+    g.save(net, opt, gen)
+    g.run.log_epoch({"stage": k, "phase": kind, "epoch": epoch + 1, "lr": _lr(g.run.cfg),
+                     "train_loss": round(loss_sum / max(1, n_img), 5), "val_acc": round(val, 3),
+                     "angle": "" if angle is None else round(angle, 4), "train_flops": g.train_flops,
+                     "seconds": round(dt, 3)})
+
+
+def _end_phase(g: _Growth, net: GrownNet, k: int, kind: str, stopped: str) -> None:
+    """Record the phase; at the end of stage ``k`` evaluate it and save ``stageK.safetensors``; save
+    the state at the start of the next phase."""
+    curve = g.curve
+    g.history.append({"k": k, "phase": kind, "epochs": len(curve), "stopped": stopped,
+                      "val_acc": round(100.0 * curve[-1], 4) if curve else None,
+                      "angles": [round(a, 4) for a in window_angles(curve, g.gcfg.window)],
+                      "train_flops_cum": g.train_flops})
+    if kind == "train":  # end of stage k
+        t0 = time.time()
+        g.stages.append({"k": k, "epochs": len(curve),
+                         "lookahead_epochs": sum(h["epochs"] for h in g.history if h["k"] == k and h["phase"] == "lookahead"),
+                         "stopped": stopped, "val_acc": round(100.0 * curve[-1], 4) if curve else None,
+                         "test_acc": round(g.run.acc(net), 4), "inference_flops": forward_flops(net, g.run.data, g.run.device),
+                         "params": sum(p.numel() for p in net.parameters()), "train_flops_cum": g.train_flops,
+                         "width": g.part.widths[k - 1]})
+        checkpoint.save_state_dict(net.state_dict(), g.run.out / f"stage{k}.safetensors")
+        g.seconds += time.time() - t0
+    g.curve, g.st = [], None
+    g.save(net, phase=g.phase + 1)
+
+
+def _final_metrics(g: _Growth) -> Dict:
+    """The final network is S_1..S_K + the model's own head, i.e. the model itself: save it, write
+    metrics.json, remove the resumable state."""
+    last, gcfg = g.stages[-1], g.gcfg
+    entry = {"step": 1, "test_acc": last["test_acc"], "val_acc": last["val_acc"], "seconds": round(g.seconds, 2),
+             "train_flops": g.train_flops, "inference_flops": last["inference_flops"],
+             "epochs": sum(h["epochs"] for h in g.history), "stages": g.stages, "phases": g.history,
+             "K": g.part.K, "partition": [list(n) for n in g.part.names], "init": "regular" if gcfg.regular else gcfg.init}
+    checkpoint.save_state_dict(g.model.state_dict(), g.run.out / "step1.safetensors")
+    metrics = write_metrics(g.run.out, g.run.data, g.config, [entry])
+    g.state_path.unlink(missing_ok=True)
+    checkpoint.remove_empty_dir(g.run.work)
     return metrics
 
 
