@@ -1,15 +1,6 @@
 """``filtersurgery inspect`` and ``filtersurgery zoo``: trace models, print maps, verify them
-(the check itself is :func:`filtersurgery.tracing.verify.verify`).
-
-``verify(sm)`` checks a ScalingMap numerically: in eval mode, a batch whose sample ``b``
-perturbs one mapped filter (noise added to output channel ``c`` of the conv, which is
-what changing ``weight[c]`` does) is compared with the unperturbed sample 0 at the input
-of every norm the filter is mapped to. Within the window of norm channels the conv lands
-on, ``[offset, offset + out_channels)``, exactly channel ``offset + c`` must change.
-(Outside the window other convs' outputs may change through channel-mixing paths, e.g.
-later DenseNet layers; that says nothing about this conv's mapping.) A norm module called
-several times in one forward pass is checked call by call: one call must show exactly the
-mapped channel changing.
+(the numerical check of a map is :func:`filtersurgery.tracing.verify.verify`; ``zoo --verify``
+runs it on every model).
 """
 from __future__ import annotations
 

@@ -283,18 +283,14 @@ def classifier_params(model: nn.Module) -> List[nn.Parameter]:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: ImageData, device, batch_size=1024,
              amp: Optional[torch.dtype] = None) -> float:
-    """Top-1 accuracy (%) of ``model`` on uint8 images ``x``; restores the train/eval mode."""
-    was_training = model.training
-    model.eval()
+    """Top-1 accuracy (%) of ``model`` on uint8 images ``x``; every submodule's train/eval mode is restored."""
     correct = 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(y), batch_size):
             xb = augment.normalize(x[i : i + batch_size].to(device, non_blocking=True), data.mean, data.std)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 pred = model(xb).argmax(1)
             correct += (pred.cpu() == y[i : i + batch_size]).sum().item()
-    finally:
-        model.train(was_training)
     return 100.0 * correct / max(1, len(y))
 
 
