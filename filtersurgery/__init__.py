@@ -63,9 +63,9 @@ from filtersurgery.ops.reinit import RescaleReport, rescale
 from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget
 from filtersurgery.engine.sparse import sparsify  # the operation, plus the SST loop when given a loader
 
-# --- kernel reactivation and its baselines: ops/ and the methods/reactivation callbacks (docs/method.md §5, §9) ---
+# --- kernel reactivation and its baselines: ops/ and the per-epoch callbacks of engine/callbacks.py (docs/method.md §5, §9) ---
 from filtersurgery.ops.filter_grafting import GraftReport, graft, graft_coefficient, layer_entropy
-from filtersurgery.methods.reactivation import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
+from filtersurgery.engine.callbacks import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
 from filtersurgery.ops.weight_evolution import EvolutionReport, evolve_weights
 
 # --- incremental growth with look-ahead (ops/growth.py, docs/method.md §7) ---

@@ -16,8 +16,8 @@ from filtersurgery.engine import checkpoint
 from filtersurgery.models.cifar_resnet import cifar_resnet
 from filtersurgery.cli.main import main as cli_main
 from filtersurgery.ops.filter_grafting import graft, graft_coefficient, layer_entropy, paired_layers
-from filtersurgery.methods.reactivation import (GraftingCallback, ReactivationCallback, ReactivationMethodConfig,
-                                               WeightEvolutionCallback)
+from filtersurgery.engine.callbacks import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
+from filtersurgery.methods.reactivation import ReactivationMethodConfig
 from filtersurgery.ops.reactivation import reactivate_kernels
 from filtersurgery.ops.weight_evolution import evolve_weights
 
