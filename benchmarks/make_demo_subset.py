@@ -1,4 +1,4 @@
-"""Build the embedded demo subset ``filtersurgery/_datafiles/fashion_mnist_subset.npz``.
+"""Build the embedded demo subset ``filtersurgery/data/_datafiles/fashion_mnist_subset.npz``.
 
 A class-balanced random subset of the official Fashion-MNIST files: 600 training images
 per class from the training set and 100 test images per class from the test set (seed 0),
@@ -15,7 +15,7 @@ import numpy as np
 
 from filtersurgery.data.datasets import _balanced_subset, load_fashion_mnist
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "filtersurgery", "_datafiles", "fashion_mnist_subset.npz")
+OUT = os.path.join(os.path.dirname(__file__), "..", "filtersurgery", "data", "_datafiles", "fashion_mnist_subset.npz")
 
 
 def main() -> None:

@@ -44,6 +44,10 @@ from . import _compat
 
 _compat.install()  # the old flat module paths keep importing (filtersurgery/_compat.py)
 
+
+def __getattr__(name):  # filtersurgery.<old flat module>, e.g. filtersurgery.sparsity
+    return _compat.old_attribute(name)
+
 # --- every training method registers itself at import (methods/, engine/registry.py) ---
 from filtersurgery import methods as _methods  # each method module registers its methods at import
 

@@ -53,21 +53,43 @@ class OldPathFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pkg, _, leaf = fullname.rpartition(".")
         if pkg != "filtersurgery" or leaf not in OLD_PATHS:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        spec = importlib.util.spec_from_loader(fullname, self)
+        spec.loader_state = {}  # per import: the new module's own spec (thread-safe, unlike the finder)
+        return spec
 
     def create_module(self, spec):
-        leaf = spec.name.rpartition(".")[2]
-        new = f"filtersurgery.{OLD_PATHS[leaf]}"
-        if leaf not in PUBLIC:
-            warnings.warn(f"{spec.name} moved to {new}; the old path goes in a future release",
-                          FutureWarning, stacklevel=2)
+        new = _warned_new_name(spec.name)
         module = importlib.import_module(new)
-        self._spec = module.__spec__  # the import machinery overwrites it with the old path's spec
+        spec.loader_state["spec"] = module.__spec__  # the import machinery overwrites it with the old path's spec
         return module
 
     def exec_module(self, module):
         """Nothing to run (the module is the new one, already imported); restore its own spec."""
-        module.__spec__ = self._spec
+        state = getattr(module.__spec__, "loader_state", None)
+        if isinstance(state, dict) and "spec" in state:
+            module.__spec__ = state["spec"]
+
+    def get_code(self, fullname):
+        """``python -m filtersurgery.<old>`` runs the new module's code (runpy asks for it)."""
+        new = _warned_new_name(fullname)
+        return importlib.util.find_spec(new).loader.get_code(new)
+
+
+def _warned_new_name(old: str) -> str:
+    """The new module path of ``old``; a FutureWarning unless the old name is public."""
+    leaf = old.rpartition(".")[2]
+    new = f"filtersurgery.{OLD_PATHS[leaf]}"
+    if leaf not in PUBLIC:
+        warnings.warn(f"{old} moved to {new}; the old path goes in a future release", FutureWarning, stacklevel=3)
+    return new
+
+
+def old_attribute(name: str):
+    """``filtersurgery.<old>`` as an attribute (``import filtersurgery; filtersurgery.sparsity``): the
+    module of the old path, imported (with its FutureWarning); AttributeError for other names."""
+    if name in OLD_PATHS:
+        return importlib.import_module(f"filtersurgery.{name}")
+    raise AttributeError(f"module 'filtersurgery' has no attribute {name!r}")
 
 
 def install() -> None:

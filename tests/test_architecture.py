@@ -111,3 +111,21 @@ def test_no_library_function_over_60_lines():
     assert not new, f"functions over {MAX_LINES} lines (split them): {new}"
     fixed = [k for k in KNOWN_LONG if k not in long]
     assert not fixed, f"no longer over {MAX_LINES} lines: remove {fixed} from KNOWN_LONG"
+
+
+def test_old_paths_as_attributes_and_under_python_m():
+    import subprocess
+
+    code = ("import warnings, filtersurgery as fs\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    m = fs.reinit\n"
+            "assert m.__name__ == 'filtersurgery.ops.reinit', m.__name__\n"
+            "assert any(issubclass(x.category, FutureWarning) for x in w)\n"
+            "try:\n    fs.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "filtersurgery.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "COMMAND" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "filtersurgery.zoo"], capture_output=True, text=True)
+    assert r.returncode == 0 and "FutureWarning" in r.stderr, r.stderr[-2000:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from filtersurgery import checkpoint as ck
+from filtersurgery.engine import checkpoint as ck
 
 
 def small_model():

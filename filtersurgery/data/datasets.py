@@ -314,7 +314,7 @@ def demo_path() -> str:
 def load_demo(subset_test: Optional[int] = None) -> ImageData:
     """The embedded Fashion-MNIST subset: 6000 train / 1000 test, class-balanced, uint8.
 
-    Shipped inside the package (``filtersurgery/_datafiles/``; MIT licence, Zalando
+    Shipped inside the package (``filtersurgery/data/_datafiles/``; MIT licence, Zalando
     Research, see ``FASHION_MNIST_LICENSE.txt`` there). Made by
     ``benchmarks/make_demo_subset.py`` from the official files.
     """

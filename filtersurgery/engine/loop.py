@@ -27,7 +27,7 @@ def sgd_batches(batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor], 
     """One pass of SGD over ``batches`` (``(x, y)`` pairs); returns ``(summed loss, count)``.
 
     ``count`` is the number of batches, or of samples (``len(y)``) with ``per_sample``, in
-    which case each batch's mean loss is weighted by its size. ``scaler``: an AMP GradScaler
+    which case each batch's mean loss is weighted by its size and summed into an fp32 tensor. ``scaler``: an AMP GradScaler
     (None: plain ``backward``/``step``); ``sparsifier``: its ``step()`` adds the L1
     subgradient after the gradients are unscaled; ``sched``: stepped after every batch.
     """
@@ -50,7 +50,9 @@ def sgd_batches(batches: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor], 
             opt.step()
         if sched is not None:
             sched.step()
-        if per_sample:
+        if per_sample:  # summed into an fp32 tensor, also for a bf16/fp16 loss
+            if count == 0:
+                total = torch.zeros((), device=loss.device)
             total += loss.detach() * len(yb)
             count += len(yb)
         else:

@@ -84,11 +84,30 @@ def sparsify(
 ) -> Sparsifier:
     """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md).
 
-    Without ``loader`` this is :func:`filtersurgery.ops.sparsity.sparsify` (its arguments are
-    documented there): a :class:`Sparsifier` at epoch 0 that the caller steps after each
-    backward. With a ``loader`` of ``(x, y)`` batches (``epochs`` required) the SST loop runs
-    here (:func:`train_sparse`, with ``optimizer``, ``loss_fn``, ``device``) and the trained
-    Sparsifier is returned.
+    Without ``loader`` this is the operation :func:`filtersurgery.ops.sparsity.sparsify`: a
+    :class:`Sparsifier` at epoch 0 that the caller steps after each backward.
+
+    Args:
+        model: a model (traced with :func:`filtersurgery.trace`) or a ScalingMap.
+        target_r: Target_r in (0, 1): the final fraction of factors driven to 0.
+        epochs: E_max for the SP_r schedule; None: SP_r = Target_r from the start
+            (or pass ``total`` to :meth:`Sparsifier.set_epoch`). Required with ``loader``.
+        lam: lambda of the L1 subgradient (default 1e-4), in the units of ``ranking``;
+            :func:`lam_for_budget` gives the lambda that can reach ``target_r`` zeros in a
+            given schedule.
+        selective: False gives BST (network slimming: SP_r = 1 throughout).
+        e_cut_fraction: E_cut / E_max (eq. 3: 1/3); 0 gives no ramp: SP_r = Target_r from the
+            first epoch, so only the final targets are ever pushed.
+        zero_tol: score counted as converged for the early switch; default
+            1e-2 * median score at the start.
+        loader, optimizer, loss_fn, device: with a ``loader`` of ``(x, y)`` batches the SST
+            training loop runs here (:func:`train_sparse`) and the trained Sparsifier is returned.
+        ranking: ``"global"`` (the paper: |gamma| across all norms) or ``"per-norm"`` (|gamma|
+            over the mean |gamma| of its own norm at the start; the L1 push on a factor is
+            ``lam`` times that scale).
+
+    Returns:
+        a :class:`Sparsifier` (already at epoch 0; after ``epochs`` of training with a ``loader``).
     """
     sp = _op.sparsify(model, target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking=ranking)
     if loader is not None:

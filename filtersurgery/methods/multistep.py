@@ -50,6 +50,11 @@ from filtersurgery.engine.trainer import (METHODS, SINGLE_RUN_METHODS, STATE_FIL
 from filtersurgery.ops import warmstart
 from filtersurgery.ops.reinit import rescale
 from filtersurgery.ops.sparsity import lam_for_budget, sparsify
+# names the old flat ``filtersurgery.train`` module carried (its imports), kept for its readers
+from filtersurgery.data.datasets import load_dataset, split_parts  # noqa: E402,F401
+from filtersurgery.models.factory import build_model  # noqa: E402,F401
+from filtersurgery.ops.ranking import RANKINGS  # noqa: E402,F401
+from filtersurgery.ops.sparsity import SparsityConfig  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- phase kinds
@@ -398,4 +403,5 @@ __all__ = [
     "WarmStart", "PHASE_KINDS", "WARM_STARTS", "run_phase", "phase_flops", "phase_kind", "phase_seed",
     "register_phase_kind", "register_warm_start", "resume_point", "write_metrics", "preprocess_info", "evaluate",
     "forward_flops", "classifier_params", "resolve_device", "amp_dtype", "dist_info", "is_main_process", "barrier",
+    "load_dataset", "split_parts", "build_model", "RANKINGS", "SparsityConfig",
 ]

@@ -40,6 +40,7 @@ from filtersurgery.engine import checkpoint
 from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.engine.callbacks import (GraftingCallback, ReactivationCallback,  # noqa: F401 - their old home
                                             WeightEvolutionCallback, report_row)
+from filtersurgery.engine.phases import phase_kind
 from filtersurgery.engine.trainer import Phase, Run, TrainConfig, STATE_FILE, forward_flops, phase_flops, run_phase, write_metrics
 from filtersurgery.ops.reactivation import _check_fraction
 
@@ -227,7 +228,7 @@ def run_method(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], ou
         "step": 1, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, [0]), 4),
         "seconds": round(seconds, 2),
         "train_flops": phase_flops(phase, forward_flops(model, run.data, run.device), n_train, 1),
-        "phases": [phase.name], "models_trained": 2 if phase.kind == "scratch2" else 1,
+        "phases": [phase.name], "models_trained": phase_kind(phase.kind).models(cfg),
         "peak_mem_mb": round(mem["peak_mb"], 1), "base_mem_mb": None if mem["base_mb"] is None else round(mem["base_mb"], 1),
         "mem_kind": mem["kind"], "train_images": n_train,
     }

@@ -282,22 +282,7 @@ def sparsify(
     The operation trains nothing; :func:`filtersurgery.sparsify` (``engine/sparse.py``) takes a
     ``loader`` too and then runs the SST loop.
 
-    Args:
-        model: a model (traced with :func:`filtersurgery.trace`) or a ScalingMap.
-        target_r: Target_r in (0, 1): the final fraction of factors driven to 0.
-        epochs: E_max for the SP_r schedule; None: SP_r = Target_r from the start
-            (or pass ``total`` to :meth:`Sparsifier.set_epoch`).
-        lam: lambda of the L1 subgradient (default 1e-4), in the units of ``ranking``;
-            :func:`lam_for_budget` gives the lambda that can reach ``target_r`` zeros in a
-            given schedule.
-        selective: False gives BST (network slimming: SP_r = 1 throughout).
-        e_cut_fraction: E_cut / E_max (eq. 3: 1/3); 0 gives no ramp: SP_r = Target_r from the
-            first epoch, so only the final targets are ever pushed.
-        zero_tol: score counted as converged for the early switch; default
-            1e-2 * median score at the start.
-        ranking: ``"global"`` (the paper: |gamma| across all norms) or ``"per-norm"`` (|gamma|
-            over the mean |gamma| of its own norm at the start; the L1 push on a factor is
-            ``lam`` times that scale).
+    Arguments: as :func:`filtersurgery.sparsify` (``engine/sparse.py``) without the loader ones.
 
     Returns:
         a :class:`Sparsifier` (already at epoch 0).
