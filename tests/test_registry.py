@@ -197,3 +197,29 @@ def test_sweep_sharing_lives_in_cli():
     from filtersurgery.cli import sweep
 
     assert sub.choices["sweep-sharing"].get_default("func") is sweep.cmd_sweep
+
+
+def test_multi_step_methods_are_registered_plans():
+    from filtersurgery.engine import registry
+    from filtersurgery.engine.trainer import METHODS, TrainConfig
+    from filtersurgery.methods.multistep import plan_step
+
+    assert tuple(METHODS) == ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
+
+    def plan(cfg, step):
+        return [registry.plan_for("finetune")(cfg, step)[0]]
+
+    registry.register_plan("test-finetune-copy", plan)
+    try:
+        assert "test-finetune-copy" in METHODS and METHODS[-1] == "test-finetune-copy"
+        cfg = TrainConfig(method="test-finetune-copy")
+        cfg.validate()
+        assert [p.kind for p in plan_step(cfg, 1)] == ["scratch"]
+        assert [(p.kind, p.parts) for p in plan_step(cfg, 3)] == [("finetune", [2])]
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_plan("framework", plan)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_plan("growth", plan)  # a single-run method's name
+    finally:
+        registry._PLANS.pop("test-finetune-copy", None)
+    assert "test-finetune-copy" not in METHODS

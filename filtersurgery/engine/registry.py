@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from collections.abc import Sequence as SequenceABC
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
-__all__ = ["MethodSpec", "register", "get", "names", "specs", "option", "SINGLE_RUN_METHODS"]
+__all__ = ["MethodSpec", "register", "get", "names", "specs", "option", "SINGLE_RUN_METHODS",
+           "register_plan", "plan_for", "MULTI_STEP_METHODS"]
 
 OPTION_KEY = "cli"  # the dataclass field metadata key that :func:`option` fills
 
@@ -128,6 +130,63 @@ class _MethodModules(Mapping):
 
 
 SINGLE_RUN_METHODS = _MethodModules()
+
+
+# --------------------------------------------------------------------------- multi-step methods
+_PLANS: Dict[str, Callable] = {}  # multi-step method name -> plan(cfg, step) -> list of phases (steps >= 2)
+
+
+def register_plan(name: str, plan: Callable) -> Callable:
+    """Register a multi-step method: ``plan(cfg, step) -> [Phase, ...]`` gives the phases of step
+    ``step >= 2`` (step 1, training from scratch on Data1, is the same for every method). The
+    methods of ``methods/multistep.py`` register themselves at import; a name may not be taken
+    twice (by a multi-step or a single-run method). Returns ``plan``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: must be a non-empty string, got {name!r}")
+    if not callable(plan):
+        raise ValueError(f"plan: must be callable as plan(cfg, step), got {plan!r}")
+    if name in _SPECS or (name in _PLANS and _PLANS[name] is not plan):
+        raise ValueError(f"name: method {name!r} is already registered")
+    _PLANS[name] = plan
+    return plan
+
+
+def plan_for(name: str) -> Callable:
+    """The plan of the multi-step method ``name``; one-line ValueError naming the known ones."""
+    if name not in _PLANS:
+        raise ValueError(f"method: {name!r} is not a multi-step method (known: {', '.join(_PLANS)})")
+    return _PLANS[name]
+
+
+class _PlanNames(SequenceABC):
+    """Read-only, live tuple-like view of the multi-step method names, in registration order."""
+
+    def __getitem__(self, i):
+        return tuple(_PLANS)[i]
+
+    def __len__(self) -> int:
+        return len(_PLANS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _PLANS
+
+    def __add__(self, other) -> tuple:
+        return tuple(self) + tuple(other)
+
+    def __radd__(self, other) -> tuple:
+        return tuple(other) + tuple(self)
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, _PlanNames)) else other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+MULTI_STEP_METHODS = _PlanNames()
 
 
 def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "",

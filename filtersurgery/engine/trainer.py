@@ -33,14 +33,16 @@ from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, Phase, PhaseKind, PhaseState, WarmStart,
                                          phase_flops, phase_kind, register_phase_kind, register_warm_start,
                                          warm_start_op)
-from filtersurgery.engine.registry import SINGLE_RUN_METHODS  # read-only view, filled by methods/ at import
+from filtersurgery.engine.registry import MULTI_STEP_METHODS, SINGLE_RUN_METHODS  # read-only views, filled by methods/ at import
 from filtersurgery.models.factory import build_model
 # TrainConfig.validate checks option values with the operations' own checks (ranking names, SST's e_cut_fraction)
 from filtersurgery.ops.ranking import check_ranking
 from filtersurgery.ops.sparsity import SparsityConfig
 from filtersurgery.tracing.probe import eval_mode, example_input
 
-METHODS = ("framework", "finetune", "bst", "dml", "lwm", "joint", "shrink-perturb", "dash")
+# the multi-step methods: a live view of the plans registered by methods/multistep.py (in this order:
+# framework, finetune, bst, dml, lwm, joint, shrink-perturb, dash)
+METHODS = MULTI_STEP_METHODS
 # single-run methods (one entry in metrics.json) are not named here: each module in methods/ registers
 # its own at import (engine/registry.py); SINGLE_RUN_METHODS is the read-only view ``name -> module``
 STATE_FILE = "state.pt"

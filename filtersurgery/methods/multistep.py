@@ -39,7 +39,7 @@ from filtersurgery.data import augment
 from filtersurgery.data.datasets import BatchLoader, ImageData
 from filtersurgery.distill import losses
 from filtersurgery.distill.blockfeats import capture_blocks, spatial_blocks
-from filtersurgery.engine import checkpoint
+from filtersurgery.engine import checkpoint, registry
 from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, FineTune, Phase, PhaseKind, PhaseState, WarmStart,
                                          augmented, autocast, memory_format, normalized, phase_flops, phase_kind,
                                          register_phase_kind, register_warm_start)
@@ -284,22 +284,18 @@ class Dash(WarmStart):
 
 # --------------------------------------------------------------------------- steps
 def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
-    """The phases of step ``step`` (1-based) for ``cfg.method`` (module docstring)."""
-    E, k = cfg.epochs, step - 1
+    """The phases of step ``step`` (1-based) for ``cfg.method`` (module docstring): step 1 trains
+    Data1 from scratch; later steps are the registered plan of the method
+    (:func:`~filtersurgery.engine.registry.register_plan`)."""
     if step == 1:
-        return [Phase("scratch", "scratch", [0], cfg.scratch_lr, cfg.step1_epochs or E)]
-    m = cfg.method
-    if m == "joint":
-        return [Phase("joint", "scratch", list(range(step)), cfg.scratch_lr, E)]
-    if m == "finetune":
-        return [Phase("finetune", "finetune", [k], cfg.step_lr, E)]
-    if m == "dml":
-        return [Phase("dml", "dml", [k], cfg.step_lr, E)]
-    if m == "lwm":
-        return [Phase("lwm", "lwm", [k], cfg.step_lr, E)]
-    if m in warmstart.WARMSTART_METHODS:  # the op on the incoming model, then fine-tuning on Data_k
-        return [Phase(m, "finetune", [k], cfg.step_lr, E, warm_start=m)]
-    selective = m != "bst"
+        return [Phase("scratch", "scratch", [0], cfg.scratch_lr, cfg.step1_epochs or cfg.epochs)]
+    return registry.plan_for(cfg.method)(cfg, step)
+
+
+def _framework_plan(cfg: TrainConfig, step: int, selective: bool = True) -> List[Phase]:
+    """SST (on Data1 at step 2; with MSL on Data_k later), then Dri + AOD on Data_k (docs/method.md
+    §1-4). ``selective=False`` is the BST baseline; ``cfg.sst=False`` leaves AOD alone."""
+    E, k = cfg.epochs, step - 1
     aod = Phase("aod", "aod", [k], cfg.step_lr, E)
     if not cfg.sst:
         return [aod]
@@ -310,6 +306,30 @@ def plan_step(cfg: TrainConfig, step: int) -> List[Phase]:
     else:
         sst = Phase("sst", "sst", [k], cfg.sst_lr, E, selective)
     return [sst, aod]
+
+
+def _one_phase(name: str, kind: str, warm_start: Optional[str] = None):
+    """The plan of a baseline that trains one phase of ``kind`` on Data_k at the new-data lr."""
+    def plan(cfg: TrainConfig, step: int) -> List[Phase]:
+        return [Phase(name, kind, [step - 1], cfg.step_lr, cfg.epochs, warm_start=warm_start)]
+    plan.__name__ = plan.__qualname__ = f"plan_{name.replace('-', '_')}"
+    return plan
+
+
+def _joint_plan(cfg: TrainConfig, step: int) -> List[Phase]:
+    """Joint training: from scratch on all data seen so far (Data1..Data_k)."""
+    return [Phase("joint", "scratch", list(range(step)), cfg.scratch_lr, cfg.epochs)]
+
+
+# registration order is the order of METHODS (help texts, tables)
+registry.register_plan("framework", _framework_plan)
+registry.register_plan("finetune", _one_phase("finetune", "finetune"))
+registry.register_plan("bst", lambda cfg, step: _framework_plan(cfg, step, selective=False))
+registry.register_plan("dml", _one_phase("dml", "dml"))
+registry.register_plan("lwm", _one_phase("lwm", "lwm"))
+registry.register_plan("joint", _joint_plan)
+for _m in warmstart.WARMSTART_METHODS:  # the op on the incoming model, then fine-tuning on Data_k
+    registry.register_plan(_m, _one_phase(_m, "finetune", warm_start=_m))
 
 
 def _open_run(cfg: TrainConfig, out_dir, seed: int, data: Optional[ImageData]):
@@ -377,7 +397,7 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
         fwd = fwd or forward_flops(model, run.data, run.device)
         flops = sum(phase_flops(p, fwd, len(run.part_xy(p.parts, "train")[1]), phase_kind(p.kind).models(cfg))
                     for p in phases_run)
-        cur = list(range(step)) if cfg.method == "joint" else [step - 1]
+        cur = plan_step(cfg, step)[-1].parts  # the step's last phase's data parts: its validation split
         entry = {"step": step, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, cur), 4),
                  "seconds": round(time.time() - t0, 2), "train_flops": flops,
                  "phases": [p.name for p in phases_run]}
