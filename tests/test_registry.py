@@ -36,7 +36,7 @@ def _run_parser():
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """The registry as it is, restored after the test (tests may register methods)."""
-    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
 
 
 # ------------------------------------------------------------------ the registry

@@ -64,7 +64,7 @@ class MethodSpec:
         return self.run.__module__
 
 
-_SPECS: Dict[str, MethodSpec] = {}  # method name -> spec, in registration order
+_BY_NAME: Dict[str, MethodSpec] = {}  # method name -> spec, in registration order
 
 
 def _same(a: MethodSpec, b: MethodSpec) -> bool:
@@ -80,31 +80,31 @@ def register(spec: MethodSpec) -> MethodSpec:
     if not isinstance(spec, MethodSpec):
         raise ValueError(f"spec: must be a MethodSpec, got {type(spec).__name__}")
     for n in spec.names:
-        old = _SPECS.get(n)
+        old = _BY_NAME.get(n)
         if old is not None and not _same(old, spec):
             raise ValueError(f"names: method {n!r} is already registered by {old.module}")
     for n in spec.names:
-        _SPECS[n] = spec
+        _BY_NAME[n] = spec
     return spec
 
 
 def get(name: str) -> MethodSpec:
     """The spec registered under ``name`` (one-line KeyError naming the registered methods)."""
     try:
-        return _SPECS[name]
+        return _BY_NAME[name]
     except KeyError:
-        raise KeyError(f"method: {name!r} is not a registered single-run method (one of {', '.join(_SPECS)})") from None
+        raise KeyError(f"method: {name!r} is not a registered single-run method (one of {', '.join(_BY_NAME)})") from None
 
 
 def names() -> Tuple[str, ...]:
     """Every registered method name, in registration order."""
-    return tuple(_SPECS)
+    return tuple(_BY_NAME)
 
 
 def specs() -> Tuple[MethodSpec, ...]:
     """Every registered spec once, in registration order."""
     out = []
-    for s in _SPECS.values():
+    for s in _BY_NAME.values():
         if not any(s is o for o in out):
             out.append(s)
     return tuple(out)
@@ -114,16 +114,16 @@ class _MethodModules(Mapping):
     """Read-only, live view ``method name -> module implementing it`` of the registry."""
 
     def __getitem__(self, name: str) -> str:
-        return _SPECS[name].module
+        return _BY_NAME[name].module
 
     def __contains__(self, name: object) -> bool:
-        return name in _SPECS
+        return name in _BY_NAME
 
     def __iter__(self) -> Iterator[str]:
-        return iter(tuple(_SPECS))
+        return iter(tuple(_BY_NAME))
 
     def __len__(self) -> int:
-        return len(_SPECS)
+        return len(_BY_NAME)
 
     def __repr__(self) -> str:
         return f"SINGLE_RUN_METHODS({dict(self)!r})"
@@ -145,7 +145,7 @@ def register_plan(name: str, plan: Callable) -> Callable:
         raise ValueError(f"name: must be a non-empty string, got {name!r}")
     if not callable(plan):
         raise ValueError(f"plan: must be callable as plan(cfg, step), got {plan!r}")
-    if name in _SPECS or (name in _PLANS and _PLANS[name] is not plan):
+    if name in _BY_NAME or (name in _PLANS and _PLANS[name] is not plan):
         raise ValueError(f"name: method {name!r} is already registered")
     _PLANS[name] = plan
     return plan

@@ -19,14 +19,9 @@ from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.ops import sparsity as _op
 from filtersurgery.ops.ranking import ModelOrMap, as_scaling_map
 from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, e_cut_of, lam_for_budget, sp_ratio  # noqa: F401
-from filtersurgery.tracing.probe import preserve_mode
+from filtersurgery.tracing.probe import device_dtype, preserve_mode
 
 __all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse", "lam_for_budget"]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def train_sparse(
@@ -45,7 +40,7 @@ def train_sparse(
     The model's train/eval mode is restored at the end. An epoch without batches or with a
     non-finite mean loss raises a one-line ValueError (``loader: ...`` / ``loss: ...``).
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else device_dtype(model)[0]
     loss_fn = loss_fn or F.cross_entropy
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)

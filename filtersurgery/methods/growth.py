@@ -38,10 +38,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from filtersurgery.data import augment
 
 from filtersurgery.engine import checkpoint
 from filtersurgery.engine.loop import sgd_batches
+from filtersurgery.engine.phases import augmented, autocast
 from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.data.datasets import BatchLoader, ImageData
 from filtersurgery.ops.growth import (GrownNet, LinearHead, frozen_stages, grow, partition, should_grow,
@@ -315,12 +315,9 @@ def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoc
                  gen: torch.Generator) -> Tuple[float, int]:
     """One epoch of CE on randomly cropped + flipped batches through the engine's batch loop
     (:func:`~filtersurgery.engine.loop.sgd_batches`); returns (summed loss, images seen)."""
-    cfg, data, dev = run.cfg, run.data, run.device
-    cl = torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-    def loss_fn(xb, yb):
-        x = augment.normalize(augment.random_crop_flip(xb, generator=gen), data.mean, data.std).contiguous(memory_format=cl)
-        with torch.autocast(dev.type, dtype=run.amp, enabled=run.amp is not None):
+    def loss_fn(xb, yb):  # the trainer's cross-entropy batch (engine/phases.py helpers)
+        x = augmented(run, xb, gen)
+        with autocast(run):
             return F.cross_entropy(net(x).float(), yb)
 
     loader.set_epoch(epoch)
