@@ -172,9 +172,27 @@ def demo():
     return load_dataset("demo", subset_test=100)
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path, demo, monkeypatch):
+def _killed_then_resumed(monkeypatch, cfg, gcfg, out, demo, at: int = 6):
+    """Run growth into ``out`` killed (KeyboardInterrupt) in its ``at``-th epoch (6: inside stage 2), then
+    re-run it to the end; returns the finished run's metrics."""
     import filtersurgery.methods.growth as mg
 
+    real, calls = mg._train_epoch, [0]
+
+    def dying(*a, **k):
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mg, "_train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_growth(cfg, gcfg, out, seed=0, data=demo)
+    monkeypatch.setattr(mg, "_train_epoch", real)
+    return run_growth(cfg, gcfg, out, seed=0, data=demo)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, demo, monkeypatch):
     cfg, gcfg = TrainConfig(**TINY), GrowthConfig(window=2, gamma=0.5, lookahead_epochs=1)
     ref = run_growth(cfg, gcfg, tmp_path / "ref", seed=0, data=demo)
     e = ref["steps"][0]
@@ -186,19 +204,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, demo, monkeyp
     cum = [s["train_flops_cum"] for s in e["stages"]]
     assert cum == sorted(cum) and e["train_flops"] == cum[-1]
 
-    real, calls = mg._train_epoch, [0]
-
-    def dying(*a, **k):
-        calls[0] += 1
-        if calls[0] == 6:  # inside stage 2
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(mg, "_train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        run_growth(cfg, gcfg, tmp_path / "run", seed=0, data=demo)
-    monkeypatch.setattr(mg, "_train_epoch", real)
-    res = run_growth(cfg, gcfg, tmp_path / "run", seed=0, data=demo)
+    res = _killed_then_resumed(monkeypatch, cfg, gcfg, tmp_path / "run", demo)
     r = res["steps"][0]
     assert [(h["k"], h["phase"], h["epochs"]) for h in r["phases"]] == [(h["k"], h["phase"], h["epochs"]) for h in e["phases"]]
     assert r["train_flops"] == e["train_flops"] and r["test_acc"] == e["test_acc"]
@@ -242,3 +248,24 @@ def test_cli_growth_run(tmp_path, capsys):
     assert cli_main(args[:-2] + ["--growth-window", "1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "window" in err[0]
+
+
+def test_growth_saves_through_the_epoch_driver_with_state_every(tmp_path, demo, monkeypatch):
+    """``state_every`` holds growth's rows back as it does the trainer's; a kill between saves resumes from the
+    last save and ends with the same weights and the same epochs.csv rows (seconds aside) as a run saved every epoch."""
+    import csv
+
+    gcfg = GrowthConfig(window=2, gamma=0.5, lookahead_epochs=1)
+    run_growth(TrainConfig(**TINY), gcfg, tmp_path / "ref", seed=0, data=demo)
+    cfg = TrainConfig(**TINY, state_every=3600.0)  # only the last epoch of each phase is saved
+    _killed_then_resumed(monkeypatch, cfg, gcfg, tmp_path / "run", demo)
+    a = checkpoint.load_state_dict(tmp_path / "ref" / "step1.safetensors")
+    b = checkpoint.load_state_dict(tmp_path / "run" / "step1.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+    def rows(d):
+        with open(d / "epochs.csv", newline="") as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+    assert rows(tmp_path / "run") == rows(tmp_path / "ref")

@@ -223,3 +223,113 @@ def test_multi_step_methods_are_registered_plans():
     finally:
         registry._PLANS.pop("test-finetune-copy", None)
     assert "test-finetune-copy" not in METHODS
+
+
+# ----------------------------------------------------------------------------- TrainConfig's flags
+def _train_flags():
+    """``(field name, option metadata)`` of every TrainConfig field that has a flag."""
+    from filtersurgery.cli.options import option_fields
+    from filtersurgery.engine.trainer import TrainConfig
+
+    return [(f.name, meta) for f, meta in option_fields(TrainConfig)]
+
+
+def test_every_run_flag_comes_from_a_dataclass_field():
+    """``filtersurgery run``'s flags are TrainConfig's and the methods' option fields, plus --seeds/--out."""
+    from filtersurgery.cli.options import option_fields
+
+    built = {meta["flag"] for _, meta in _train_flags()}
+    for spec in registry.specs():
+        built |= {meta["flag"] for _, meta in option_fields(spec.options)}
+        built |= {a for _, meta in option_fields(spec.options) for a in meta["aliases"]}
+    flags = {s for a in _run_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert flags - built == {"--help", "--seeds", "--out"}
+    assert built - flags == set()
+
+
+def _non_default(name, meta, field_default):
+    """A command-line value for flag ``meta['flag']`` that differs from ``field_default`` and its parsed value."""
+    if meta["choices"] is not None:
+        value = next(c for c in meta["choices"] if c != field_default)
+        return [str(value)], value
+    table = {"model": "cifar:resnet8", "data": "demo", "data_root": "/tmp/x", "method": "finetune",
+             "device": "cpu", "lam": "0.25", "image_size": "40"}
+    if isinstance(field_default, bool):
+        return [], not field_default
+    if name in table:
+        text = table[name]
+        return [text], {"lam": 0.25, "image_size": 40}.get(name, text)
+    if isinstance(field_default, float) or name in ("lr", "dash_alpha"):
+        return ["0.0625"], 0.0625
+    return ["3"], 3
+
+
+def test_every_train_flag_round_trips_into_train_config():
+    """Each TrainConfig flag, given a non-default value, sets exactly its field (switches store the opposite)."""
+    from filtersurgery.cli.run import config_from_args
+    from filtersurgery.engine.trainer import TrainConfig
+
+    defaults = TrainConfig()
+    parser = _run_parser()
+    for name, meta in _train_flags():
+        argv, want = _non_default(name, meta, getattr(defaults, name))
+        cfg = config_from_args(parser.parse_args([meta["flag"], *argv]))
+        assert getattr(cfg, name) == want, name
+        changed = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+        assert changed == ({"split", "steps"} if name == "split" else {name}), (name, changed)  # single: 2 steps
+
+
+def test_run_steps_default_follows_the_split():
+    from filtersurgery.cli.run import config_from_args
+
+    parser = _run_parser()
+    assert config_from_args(parser.parse_args([])).steps == 4
+    assert config_from_args(parser.parse_args(["--split", "single"])).steps == 2
+    assert config_from_args(parser.parse_args(["--steps", "3"])).steps == 3
+
+
+def test_resume_keys_are_the_fields_marked_resume():
+    """The settings that must match to resume into an --out: declared on the fields, runtime ones not among them."""
+    from filtersurgery.cli.run import resume_keys
+
+    keys = resume_keys()
+    assert {"model", "data", "method", "epochs", "lr", "lam", "msl", "students", "e_cut_fraction"} <= set(keys)
+    assert not {"device", "amp", "channels_last", "progress", "data_root", "download"} & set(keys)
+    assert keys == [n for n, meta in _train_flags() if meta["resume"]]
+
+
+def test_lr_help_lists_the_methods_registered_as_training_lr():
+    helps = {a.dest: a.help for a in _run_parser()._actions}
+    for name in registry.training_lr_methods():
+        assert name in helps["lr"]
+    assert registry.training_lr_methods() == ("plain", "reactivation", "weight-evolution", "filter-grafting", "growth")
+    assert all(m in helps["method"] for m in train.METHODS + tuple(registry.names()))
+
+
+def test_a_type_function_error_is_the_flag_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--lam", "often"])
+    assert exit_.value.code == 2
+    assert "argument --lam: must be 'auto' or a number >= 0, got 'often'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(dest="not valid"), "dest"), (dict(help=3), "help")])
+def test_option_refuses_bad_metadata(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        option(1, flag="--x", **kwargs)
+
+
+def test_add_options_refuses_unknown_names():
+    from filtersurgery.engine.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="only/exclude: 'nope'"):
+        add_options(argparse.ArgumentParser(), TrainConfig, only=("nope",))
+    with pytest.raises(ValueError, match="help: 'sst_lr'"):  # a field without a flag
+        add_options(argparse.ArgumentParser(), TrainConfig, only=("epochs",), help={"sst_lr": "x"})
+
+
+def test_sweep_sharing_flags_are_train_config_fields_with_their_own_help():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub.choices["sweep-sharing"]._actions}
+    assert helps["lr"].startswith("branch learning rate") and helps["epochs"].startswith("epochs per network")
+    assert "device" in helps and "progress" in helps and "method" not in helps

@@ -14,105 +14,32 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from filtersurgery.cli.options import add_options, options_from_args
-from filtersurgery.data.augment import AOD_FLIPS
+from filtersurgery.cli.options import add_options, option_fields, options_from_args
 from filtersurgery.engine import registry
-from filtersurgery.engine.trainer import METHODS, SINGLE_RUN_METHODS, TrainConfig
+from filtersurgery.engine.trainer import MODEL_HELP, SINGLE_RUN_METHODS, TrainConfig
 
-# settings that must match for a re-run to resume into an existing --out
-_IDENTITY = ("model", "data", "split", "steps", "method", "epochs", "subset", "batch_size", "lr", "target_r",
-             "msl", "teacher_update", "students", "at_weight", "max_batches", "ranking", "lam", "lam_safety", "lam_safety_msl", "at_min_size",
-             "step1_epochs", "image_size", "sp_shrink", "sp_noise", "dash_lam",
-             "dash_alpha", "dash_granularity", "aod_flip", "e_cut_fraction")
-# methods whose --lr is the lr of the whole (single) training, default TrainConfig.scratch_lr
-_LR_IS_TRAINING_LR = ("plain", "reactivation", "weight-evolution", "filter-grafting", "growth")
-MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNet, DEPTH = 6n+2, e.g. "
-              "cifar:resnet20) or a bare timm NAME; random weights")
-DATA_HELP = "fashion-mnist | cifar100 | imagefolder:PATH (PATH/train/CLASS/*, PATH/val/CLASS/*) | demo"
+MODEL_DATA_FIELDS = ("model", "data", "data_root", "download", "image_size")
 
 
-def lam_arg(text: str):
-    """``--lam``: ``auto`` or a number >= 0."""
-    if text == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {text!r}") from None
+def resume_keys() -> List[str]:
+    """The :class:`TrainConfig` settings that must match for a re-run to resume into an existing ``--out``
+    (the fields declared with ``option(..., resume=True)``)."""
+    return [f.name for f, meta in option_fields(TrainConfig) if meta["resume"]]
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
-    """``--model --data --data-root --download --image-size`` (``run`` and ``sweep-sharing``)."""
-    d = TrainConfig()
-    p.add_argument("--model", default=d.model, help=f"{MODEL_HELP} (default %(default)s)")
-    p.add_argument("--data", default=d.data, help=f"{DATA_HELP} (default %(default)s)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset files (docs/data.md: search order)")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset where the network allows")
-    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
-                   help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
-                        "they all share one, else 224)")
+    """``--model --data --data-root --download --image-size`` (``run`` and ``sweep-sharing``), from TrainConfig."""
+    add_options(p, TrainConfig, only=MODEL_DATA_FIELDS)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``filtersurgery run`` (docs/trainer.md), including those of single-run method modules."""
-    d = TrainConfig()
+    """The flags of ``filtersurgery run`` (docs/trainer.md): TrainConfig's (built from its fields' ``option``
+    metadata), ``--seeds``/``--out``, and one group per registered single-run method family."""
     add_model_data_arguments(p)
-    p.add_argument("--split", choices=["single", "multi"], default=d.split,
-                   help="multi: --steps equal parts; single: 1:1, 2 steps (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="number of steps/data parts (default 4 multi, 2 single)")
-    p.add_argument("--method", default=d.method,
-                   help=f"one of {', '.join(METHODS + tuple(SINGLE_RUN_METHODS))} (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per phase (default %(default)s)")
-    p.add_argument("--step1-epochs", type=int, default=None, help="epochs of step 1 (Data1 from scratch; default --epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
-    p.add_argument("--subset", type=int, default=None, help="N training images per data part (quick runs)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate on new data: finetune, AOD, DML, LwM, shrink-perturb, dash (default 1e-2), "
-                        f"sharing branches, class-finetune (default 1e-3); step 1, joint and base networks train "
-                        f"at {d.scratch_lr}; for "
-                        f"{', '.join(_LR_IS_TRAINING_LR)}: the training lr (default {d.scratch_lr})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images per batch (per process under torchrun) (default %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
-                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
-    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
-    p.add_argument("--target-r", type=float, default=d.target_r, help="Target_r of SST (default %(default)s)")
-    p.add_argument("--ranking", choices=["global", "per-norm"], default=d.ranking,
-                   help="how scaling factors of different norms are compared: global |gamma| (the paper) or "
-                        "|gamma| over its own norm's mean (default %(default)s)")
-    p.add_argument("--lam", type=lam_arg, default=d.lam,
-                   help="L1 strength of SST in ranking units, or 'auto': large enough to reach target_r zeros "
-                        "in the SST schedule (default %(default)s)")
-    p.add_argument("--lam-safety", type=float, default=d.lam_safety,
-                   help="margin of --lam auto for SST with cross-entropy (default %(default)s)")
-    p.add_argument("--lam-safety-msl", type=float, default=d.lam_safety_msl,
-                   help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default %(default)s)")
-    p.add_argument("--at-weight", type=float, default=d.at_weight, help="weight of the AT term of MSL (default %(default)s)")
-    p.add_argument("--sp-shrink", type=float, default=d.sp_shrink,
-                   help="shrink-perturb: weights are scaled by this (default %(default)s)")
-    p.add_argument("--sp-noise", type=float, default=d.sp_noise,
-                   help="shrink-perturb: scale of the noise drawn like a fresh initialisation (default %(default)s)")
-    p.add_argument("--dash-lam", type=float, default=d.dash_lam,
-                   help="dash: lower bound of the per-kernel shrink factor max(lam, cos(w, -grad)) (default %(default)s)")
-    p.add_argument("--dash-alpha", type=float, default=None,
-                   help="dash: running-average weight of batch gradients (default: the mean gradient over the part)")
-    p.add_argument("--dash-granularity", choices=["kernel", "filter"], default=d.dash_granularity,
-                   help="dash: one shrink factor per kernel (the authors' code) or per filter (default %(default)s)")
-    p.add_argument("--at-min-size", type=int, default=d.at_min_size,
-                   help="attention transfer only on blocks whose map is at least this many pixels a side (default %(default)s)")
-    p.add_argument("--e-cut-fraction", type=float, default=d.e_cut_fraction,
-                   help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
-                        "final targets are pushed: much better on timm ResNets, see README)")
-    p.add_argument("--aod-flip", choices=list(AOD_FLIPS), default=d.aod_flip,
-                   help="AOD's mirrored view B_F: every image mirrored (the paper) or each with probability 1/2 "
-                        "(default %(default)s)")
-    p.add_argument("--no-msl", dest="msl", action="store_false", help="ablation: steps>=3 run SST with CE, no distillation")
-    p.add_argument("--no-teacher-update", dest="teacher_update", action="store_false", help="ablation: fixed MSL teacher")
-    p.add_argument("--students", type=int, choices=[1, 2], default=d.students, help="ablation: AOD students (default 2)")
-    p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    add_options(p, TrainConfig, exclude=MODEL_DATA_FIELDS)
+    p.set_defaults(steps=None)  # None: 4 parts with --split multi, 2 with --split single (config_from_args)
     for spec in registry.specs():  # one group per registered method family, built from its options dataclass
         add_options(p, spec.options, title=f"{spec.title} options", description=spec.help or None)
 
@@ -125,19 +52,9 @@ def method_options(cfg: TrainConfig, args: argparse.Namespace):
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``run`` arguments."""
+    """The :class:`TrainConfig` of parsed ``run`` arguments (``--steps`` unset: 2 with ``--split single``, else 4)."""
     steps = args.steps if args.steps is not None else (2 if args.split == "single" else 4)
-    return TrainConfig(
-        model=args.model, data=args.data, data_root=args.data_root, download=args.download, split=args.split,
-        steps=steps, method=args.method, epochs=args.epochs, step1_epochs=args.step1_epochs, batch_size=args.batch_size,
-        lr=args.lr, subset=args.subset, image_size=getattr(args, "image_size", None), target_r=args.target_r,
-        lam=args.lam, at_weight=args.at_weight, msl=args.msl,
-        ranking=args.ranking, lam_safety=args.lam_safety, lam_safety_msl=args.lam_safety_msl, at_min_size=args.at_min_size,
-        sp_shrink=args.sp_shrink, sp_noise=args.sp_noise, dash_lam=args.dash_lam, dash_alpha=args.dash_alpha,
-        dash_granularity=args.dash_granularity, aod_flip=args.aod_flip, e_cut_fraction=args.e_cut_fraction,
-        teacher_update=args.teacher_update, students=args.students, device=args.device, amp=args.amp,
-        channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress,
-    )
+    return options_from_args(TrainConfig, args, steps=steps)
 
 
 def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
@@ -154,7 +71,7 @@ def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
         raise ValueError(f"out: {mpath} is corrupt ({e}); move it away or use another --out") from None
     from filtersurgery.engine.checkpoint import refuse_other_settings
 
-    refuse_other_settings(out, old, asdict(cfg), keys=[k for k in _IDENTITY if k in old])
+    refuse_other_settings(out, old, asdict(cfg), keys=[k for k in resume_keys() if k in old])
 
 
 def summarize(out: Path, seeds: List[int], method: str) -> Dict:
@@ -200,7 +117,7 @@ def _init_distributed(cfg: TrainConfig) -> None:
 
 def lr_text(cfg: TrainConfig) -> str:
     """The learning rates ``cfg.method`` trains with, in words (for the start banner)."""
-    if cfg.method in _LR_IS_TRAINING_LR:
+    if cfg.method in registry.training_lr_methods():  # --lr is the lr of the one training run
         schedule = "constant" if cfg.method == "growth" else "cosine"
         return f"{cfg.lr if cfg.lr is not None else cfg.scratch_lr:g} ({schedule}; --lr)"
     if cfg.method == "joint":

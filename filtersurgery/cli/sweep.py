@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List
 
+from filtersurgery.cli.options import add_options, options_from_args
 from filtersurgery.cli.run import add_model_data_arguments
 from filtersurgery.data.datasets import check_classes, load_dataset
 from filtersurgery.engine.trainer import TrainConfig
@@ -17,6 +18,13 @@ from filtersurgery.methods.sharing import DEFAULT_SHARES, class_sets_from, sweep
 from filtersurgery.models.factory import build_model
 
 __all__ = ["cmd_sweep", "format_table", "add_parsers"]
+
+# the TrainConfig flags of sweep-sharing (besides --model/--data/...), and the help of those it reads its own way
+_TRAIN_FIELDS = ("epochs", "subset", "lr", "batch_size", "device", "amp", "channels_last", "max_batches", "progress")
+_TRAIN_HELP = {"epochs": "epochs per network (default %(default)s)",
+               "subset": "N training images per class set",
+               "lr": "branch learning rate (default 1e-3; the base network trains at 0.1)",
+               "batch_size": "images per batch (default %(default)s)"}
 
 
 def _floats(spec: str) -> List[float]:
@@ -29,10 +37,7 @@ def _floats(spec: str) -> List[float]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``filtersurgery sweep-sharing``: train every share, write the curve, pick the share on validation."""
-    cfg = TrainConfig(model=args.model, data=args.data, data_root=args.data_root, download=args.download,
-                      method="sharing", split="multi", steps=1, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, subset=args.subset, image_size=args.image_size, device=args.device, amp=args.amp,
-                      channels_last=args.channels_last, max_batches=args.max_batches, progress=args.progress)
+    cfg = options_from_args(TrainConfig, args, method="sharing", split="multi", steps=1)
     cfg.validate()
     build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
     data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download,
@@ -76,8 +81,9 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def add_parsers(sub) -> None:
-    """Register ``sweep-sharing`` with the CLI (this module is listed in ``cli.main.COMMAND_MODULES``)."""
-    d = TrainConfig()
+    """Register ``sweep-sharing`` with the CLI (this module is listed in ``cli.main.COMMAND_MODULES``).
+
+    Its training flags are TrainConfig's (the help of those it reads differently replaced)."""
     p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
     add_model_data_arguments(p)
     p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
@@ -86,19 +92,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="chosen = largest share with all-class validation accuracy within this many points of "
                         "no sharing (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per network (default %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     p.add_argument("--out", default="runs/sweep_sharing", help="output folder (default %(default)s)")
-    p.add_argument("--subset", type=int, default=None, help="N training images per class set")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on a fixed class-balanced subset of N test images")
-    p.add_argument("--lr", type=float, default=None,
-                   help="branch learning rate (default 1e-3; the base network trains at 0.1)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (default %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
-                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler (default %(default)s)")
-    p.add_argument("--channels-last", action="store_true", help="train in the channels_last memory format")
-    p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    add_options(p, TrainConfig, only=_TRAIN_FIELDS, help=_TRAIN_HELP)
     p.add_argument("--no-cost", action="store_true", help="skip the per-configuration cost measurement")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     p.set_defaults(func=cmd_sweep)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
-__all__ = ["MethodSpec", "register", "get", "names", "specs", "option", "SINGLE_RUN_METHODS",
+__all__ = ["MethodSpec", "register", "get", "names", "specs", "training_lr_methods", "option", "SINGLE_RUN_METHODS",
            "register_plan", "plan_for", "MULTI_STEP_METHODS"]
 
 OPTION_KEY = "cli"  # the dataclass field metadata key that :func:`option` fills
@@ -37,7 +37,9 @@ class MethodSpec:
     ``run(cfg, options, out_dir, seed, data) -> metrics`` trains one seed of ``cfg.method``
     (one of ``names``) with ``options``, an instance of ``options`` (the dataclass), and
     writes ``metrics.json``. ``title`` names the family's group of CLI flags (default: the
-    last part of the run function's module name).
+    last part of the run function's module name). ``lr_is_training_lr``: ``--lr`` is the
+    learning rate of the method's one training run (default ``TrainConfig.scratch_lr``);
+    False: the method reads ``--lr`` otherwise (``sharing``: its branches' new-data lr).
     """
 
     names: Union[str, Tuple[str, ...]]
@@ -45,6 +47,7 @@ class MethodSpec:
     run: Callable[..., Dict]
     help: str = ""
     title: str = ""
+    lr_is_training_lr: bool = True
 
     def __post_init__(self):
         names = (self.names,) if isinstance(self.names, str) else tuple(self.names)
@@ -99,6 +102,11 @@ def get(name: str) -> MethodSpec:
 def names() -> Tuple[str, ...]:
     """Every registered method name, in registration order."""
     return tuple(_BY_NAME)
+
+
+def training_lr_methods() -> Tuple[str, ...]:
+    """The registered single-run methods whose ``--lr`` is the lr of their one training run, in order."""
+    return tuple(n for s in specs() if s.lr_is_training_lr for n in s.names)
 
 
 def specs() -> Tuple[MethodSpec, ...]:
@@ -189,21 +197,32 @@ class _PlanNames(SequenceABC):
 MULTI_STEP_METHODS = _PlanNames()
 
 
-def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "",
+def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: Union[str, Callable[[], str]] = "",
            choices: Optional[Sequence] = None, metavar: Optional[str] = None, aliases: Sequence[str] = (),
-           type: Optional[Callable] = None) -> Any:
+           type: Optional[Callable] = None, dest: Optional[str] = None, resume: bool = False) -> Any:
     """A dataclass field whose metadata describes its command-line flag.
 
     ``flag``: the flag (``--method-name``); ``help``: its argparse help (``%(default)s``
-    allowed); ``choices``/``metavar``/``type``: as for ``argparse.add_argument`` (``type``
-    defaults to the field's annotation); ``aliases``: old flag names that keep working and
-    warn with a FutureWarning. A field without a ``flag`` has no command-line flag.
+    allowed), or a function returning it when the parser is built (for help that lists
+    registered methods); ``choices``/``metavar``/``type``: as for ``argparse.add_argument``
+    (``type`` defaults to the field's annotation; a ``type`` function's one-line ValueError
+    becomes the flag's error message); ``aliases``: old flag names that keep working and warn
+    with a FutureWarning; ``dest``: the parsed attribute (default: the flag's name,
+    ``--my-rate`` -> ``my_rate``); ``resume``: the setting must match for a re-run to resume
+    into an existing run folder. A boolean field's flag is a switch that stores the opposite
+    of its default (``--no-msl`` for ``msl: bool = True``). A field without a ``flag`` has no
+    command-line flag.
     """
     if flag is not None and not (isinstance(flag, str) and flag.startswith("--")):
         raise ValueError(f"flag: must start with '--', got {flag!r}")
     bad = [a for a in aliases if not (isinstance(a, str) and a.startswith("--"))]
     if bad:
         raise ValueError(f"aliases: each must start with '--', got {bad[0]!r}")
+    if not (isinstance(help, str) or callable(help)):
+        raise ValueError(f"help: must be a string or a function returning one, got {help!r}")
+    if dest is not None and not (isinstance(dest, str) and dest.isidentifier()):
+        raise ValueError(f"dest: must be a Python identifier, got {dest!r}")
     meta = {OPTION_KEY: {"flag": flag, "help": help, "choices": None if choices is None else tuple(choices),
-                         "metavar": metavar, "aliases": tuple(aliases), "type": type}}
+                         "metavar": metavar, "aliases": tuple(aliases), "type": type, "dest": dest,
+                         "resume": bool(resume)}}
     return dataclasses.field(default=default, metadata=meta)

@@ -29,11 +29,13 @@ from torch import nn
 from filtersurgery.data import augment
 from filtersurgery.data.datasets import BatchLoader, ImageData, load_dataset, split_parts
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.epochs import check_finite_loss, restore_rng, run_epochs, save_training_state
 from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, Phase, PhaseKind, PhaseState, WarmStart,
                                          phase_flops, phase_kind, register_phase_kind, register_warm_start,
                                          warm_start_op)
 from filtersurgery.engine.registry import MULTI_STEP_METHODS, SINGLE_RUN_METHODS  # read-only views, filled by methods/ at import
+from filtersurgery.engine.registry import option
 from filtersurgery.models.factory import build_model
 # TrainConfig.validate checks option values with the operations' own checks (ranking names, SST's e_cut_fraction)
 from filtersurgery.ops.ranking import check_ranking
@@ -48,65 +50,145 @@ METHODS = MULTI_STEP_METHODS
 STATE_FILE = "state.pt"
 
 
+MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNet, DEPTH = 6n+2, e.g. "
+              "cifar:resnet20) or a bare timm NAME; random weights")
+DATA_HELP = "fashion-mnist | cifar100 | imagefolder:PATH (PATH/train/CLASS/*, PATH/val/CLASS/*) | demo"
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+def lam_value(text: str) -> Union[float, str]:
+    """``--lam``: ``auto`` or a number (one-line ValueError otherwise; :meth:`TrainConfig.validate` checks >= 0)."""
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be 'auto' or a number >= 0, got {text!r}") from None
+
+
+def _method_help() -> str:
+    """``--method``: every registered method, read when the parser is built."""
+    return f"one of {', '.join(METHODS + tuple(SINGLE_RUN_METHODS))} (default %(default)s)"
+
+
+def _lr_help() -> str:
+    """``--lr``: what the learning rate means for each kind of method."""
+    from filtersurgery.engine.registry import training_lr_methods
+
+    d = TrainConfig.scratch_lr
+    return (f"learning rate on new data: finetune, AOD, DML, LwM, shrink-perturb, dash (default 1e-2), "
+            f"sharing branches, class-finetune (default 1e-3); step 1, joint and base networks train at {d}; for "
+            f"{', '.join(training_lr_methods())}: the training lr (default {d})")
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Defaults are docs/method.md §1-4 and paper IV-B's."""
+    """Everything a run needs. Defaults are docs/method.md §1-4 and paper IV-B's.
 
-    model: str = "timm:resnet18"
-    data: str = "fashion-mnist"
-    data_root: Optional[str] = None
-    download: bool = False
-    split: str = "multi"  # "multi": `steps` equal parts; "single": 1:1
-    steps: int = 4
-    method: str = "framework"
-    epochs: int = 30  # per phase (SST and AOD each get it)
-    step1_epochs: Optional[int] = None  # step 1 (Data1 from scratch); None: ``epochs``
-    batch_size: int = 256
-    lr: Optional[float] = None  # new-data lr: multi-step methods 1e-2 (step_lr), sharing branches 1e-3 (new_lr)
+    A field's :func:`~filtersurgery.engine.registry.option` metadata names its
+    ``filtersurgery run`` flag and help (the command line is built from it); ``resume=True``
+    marks the settings that must match for a re-run to resume into an existing run folder.
+    """
+
+    model: str = option("timm:resnet18", flag="--model", help=f"{MODEL_HELP} (default %(default)s)", resume=True)
+    data: str = option("fashion-mnist", flag="--data", help=f"{DATA_HELP} (default %(default)s)", resume=True)
+    data_root: Optional[str] = option(None, flag="--data-root",
+                                      help="folder holding the dataset files (docs/data.md: search order)")
+    download: bool = option(False, flag="--download",
+                            help="let torchvision download the dataset where the network allows")
+    split: str = option("multi", flag="--split", choices=("single", "multi"), resume=True,  # "single": 1:1
+                        help="multi: --steps equal parts; single: 1:1, 2 steps (default %(default)s)")
+    steps: int = option(4, flag="--steps", resume=True,
+                        help="number of steps/data parts (default 4 multi, 2 single)")
+    method: str = option("framework", flag="--method", help=_method_help, resume=True)
+    epochs: int = option(30, flag="--epochs", help="epochs per phase (default %(default)s)",  # SST and AOD each
+                         resume=True)
+    step1_epochs: Optional[int] = option(None, flag="--step1-epochs", resume=True,  # None: ``epochs``
+                                         help="epochs of step 1 (Data1 from scratch; default --epochs)")
+    batch_size: int = option(256, flag="--batch-size", resume=True,
+                             help="images per batch (per process under torchrun) (default %(default)s)")
+    lr: Optional[float] = option(None, flag="--lr", help=_lr_help, resume=True)  # new-data lr (step_lr, new_lr)
     scratch_lr: float = 0.1  # step 1 and joint
     sst_lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    subset: Optional[int] = None  # training images per part
-    image_size: Optional[int] = None  # image folders only (default: the images' own size, else 224)
+    subset: Optional[int] = option(None, flag="--subset", resume=True,  # training images per part
+                                   help="N training images per data part (quick runs)")
+    image_size: Optional[int] = option(  # image folders only (default: the images' own size, else 224)
+        None, flag="--image-size", metavar="PIXELS", resume=True,
+        help="imagefolder only: decode images to PIXELS x PIXELS (default: the images' own size when "
+             "they all share one, else 224)")
     val_fraction: float = 0.1
     # warm-start baselines (filtersurgery.ops.warmstart): Shrink & Perturb, DASH; chosen on the testbed's
     # validation (docs/warmstart.md; the operations' own defaults are the papers' 0.4 / 0.1 and 0.3)
-    sp_shrink: float = 0.8
-    sp_noise: float = 0.01
-    dash_lam: float = 0.5
-    dash_alpha: Optional[float] = None
-    dash_granularity: str = "kernel"
+    sp_shrink: float = option(0.8, flag="--sp-shrink", resume=True,
+                              help="shrink-perturb: weights are scaled by this (default %(default)s)")
+    sp_noise: float = option(0.01, flag="--sp-noise", resume=True,
+                             help="shrink-perturb: scale of the noise drawn like a fresh initialisation "
+                                  "(default %(default)s)")
+    dash_lam: float = option(0.5, flag="--dash-lam", resume=True,
+                             help="dash: lower bound of the per-kernel shrink factor max(lam, cos(w, -grad)) "
+                                  "(default %(default)s)")
+    dash_alpha: Optional[float] = option(
+        None, flag="--dash-alpha", resume=True,
+        help="dash: running-average weight of batch gradients (default: the mean gradient over the part)")
+    dash_granularity: str = option(
+        "kernel", flag="--dash-granularity", choices=("kernel", "filter"), resume=True,
+        help="dash: one shrink factor per kernel (the authors' code) or per filter (default %(default)s)")
     # SST / Dri / AOD / MSL
-    target_r: float = 0.3
-    ranking: str = "per-norm"  # how factors of different norms compare: "global" (paper) | "per-norm"
-    lam: Union[float, str] = "auto"  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
-    lam_safety: float = 3.0  # the "auto" rule's margin for SST with CE (chosen on the testbed: docs/method.md)
-    lam_safety_msl: float = 6.0  # ... and for SST under MSL (the teacher's KL pulls back harder)
-    e_cut_fraction: float = 1.0 / 3.0
+    target_r: float = option(0.3, flag="--target-r", help="Target_r of SST (default %(default)s)", resume=True)
+    ranking: str = option(  # how factors of different norms compare
+        "per-norm", flag="--ranking", choices=("global", "per-norm"), resume=True,
+        help="how scaling factors of different norms are compared: global |gamma| (the paper) or "
+             "|gamma| over its own norm's mean (default %(default)s)")
+    lam: Union[float, str] = option(  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
+        "auto", flag="--lam", type=lam_value, resume=True,
+        help="L1 strength of SST in ranking units, or 'auto': large enough to reach target_r zeros "
+             "in the SST schedule (default %(default)s)")
+    lam_safety: float = option(  # the "auto" rule's margin for SST with CE (chosen on the testbed: docs/method.md)
+        3.0, flag="--lam-safety", resume=True, help="margin of --lam auto for SST with cross-entropy (default %(default)s)")
+    lam_safety_msl: float = option(  # ... and for SST under MSL (the teacher's KL pulls back harder)
+        6.0, flag="--lam-safety-msl", resume=True,
+        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default %(default)s)")
+    e_cut_fraction: float = option(
+        1.0 / 3.0, flag="--e-cut-fraction", resume=True,
+        help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
+             "final targets are pushed: much better on timm ResNets, see README)")
     dri_I: Tuple[float, float] = (0.1, 0.2)
     alpha: float = 0.5
-    aod_flip: str = "always"  # AOD's B_F view: "always" mirrored (paper) | "random" (p = 1/2 per image)
+    aod_flip: str = option(  # AOD's B_F view: "always" mirrored (paper) | "random" (p = 1/2 per image)
+        "always", flag="--aod-flip", choices=augment.AOD_FLIPS, resume=True,
+        help="AOD's mirrored view B_F: every image mirrored (the paper) or each with probability 1/2 "
+             "(default %(default)s)")
     kd_temperature: float = 1.0
-    at_weight: float = 1e3
-    at_min_size: int = 4  # AT only on blocks whose map is at least this many pixels on each side
+    at_weight: float = option(1e3, flag="--at-weight", help="weight of the AT term of MSL (default %(default)s)",
+                              resume=True)
+    at_min_size: int = option(  # AT only on blocks whose map is at least this many pixels on each side
+        4, flag="--at-min-size", resume=True,
+        help="attention transfer only on blocks whose map is at least this many pixels a side (default %(default)s)")
     # ablation switches (framework only)
-    msl: bool = True  # False: steps >= 3 run SST with CE on current data
+    msl: bool = option(True, flag="--no-msl", dest="msl", resume=True,  # False: steps >= 3 run SST with CE
+                       help="ablation: steps>=3 run SST with CE, no distillation")
     msl_ce: bool = False  # True: MSL adds CE on the current data's labels to KL + AT (beyond the paper)
-    teacher_update: bool = True
-    students: int = 2  # 1: AOD with one student (CE + alpha * L_CR)
+    teacher_update: bool = option(True, flag="--no-teacher-update", dest="teacher_update", resume=True,
+                                  help="ablation: fixed MSL teacher")
+    students: int = option(2, flag="--students", choices=(1, 2), resume=True,  # 1: AOD with one student (CE + alpha * L_CR)
+                           help="ablation: AOD students (default 2)")
     sst: bool = True  # False: no SST phase; Dri re-draws the smallest factors of the incoming model
     dri: bool = True  # False: the AOD students start as exact copies (no re-drawn factors)
     # LwM
     lwm_beta: float = 1.0
     lwm_gamma: float = 1.0
     # runtime
-    device: str = "auto"
-    amp: str = "auto"  # "bf16", "fp16", "none", "auto" (bf16 on CUDA, none on CPU)
-    channels_last: bool = False
+    device: str = option("auto", flag="--device", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    amp: str = option("auto", flag="--amp", choices=AMP_MODES,  # "auto": bf16 on CUDA, none on CPU
+                      help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler "
+                           "(default %(default)s)")
+    channels_last: bool = option(False, flag="--channels-last", help="train in the channels_last memory format")
     workers_seed: int = 0
-    progress: bool = True
-    max_batches: Optional[int] = None  # cap batches per epoch (smoke tests)
+    progress: bool = option(True, flag="--no-progress", dest="progress", help="no tqdm bars")
+    max_batches: Optional[int] = option(None, flag="--max-batches", resume=True,  # cap batches per epoch
+                                        help="cap batches per epoch (smoke tests)")
     # write the resumable state at most every this many seconds (0: after every epoch); the
     # epochs.csv rows of unsaved epochs are held back with it, so a kill never duplicates a row
     state_every: float = 0.0
@@ -467,22 +549,20 @@ def _resume(step: int, phase: Phase, loop: _PhaseLoop) -> int:
     if state.sparsifier is not None:
         state.sparsifier.load_state_dict(extra["sparsifier"])
     state.teacher_val = extra.get("teacher_val", state.teacher_val)
-    checkpoint.set_rng_state(extra["rng"])
-    loop.gen.set_state(extra["gen"])
+    restore_rng(extra, loop.gen)
     return int(extra["epoch"])
 
 
 def _train_epochs(run: Run, step: int, phase: Phase, kind: PhaseKind, loop: _PhaseLoop, start_epoch: int) -> None:
-    """Epochs ``start_epoch..phase.epochs-1``: train, validate, log; save the resumable state
-    (after every epoch, or every ``cfg.state_every`` seconds and after the last)."""
-    cfg = run.cfg
+    """Epochs ``start_epoch..phase.epochs-1`` through the engine's epoch driver
+    (:func:`~filtersurgery.engine.epochs.run_epochs`): train, validate, fill the row; the state is
+    saved after every epoch (or every ``cfg.state_every`` seconds and after the last), then the rows are logged."""
     for s in loop.state.students:
         s.train()
     nets = _ddp_wrap(loop.state.students, run.device)  # what the batch loss calls (the students without torchrun)
-    desc = f"{cfg.method} seed{run.seed} step{step} {phase.name}"
-    pending: List[Dict] = []  # epochs.csv rows not yet covered by a saved state
-    saved_at = time.time()
-    for epoch in range(start_epoch, phase.epochs):
+    desc = f"{run.cfg.method} seed{run.seed} step{step} {phase.name}"
+
+    def one_epoch(epoch: int) -> Dict:
         t0 = time.time()
         total, nb = _train_epoch(run, step, phase, loop, nets, epoch, desc)
         _sync_buffers(loop.state.students)  # torchrun: BN running statistics averaged over ranks
@@ -490,13 +570,10 @@ def _train_epochs(run: Run, step: int, phase: Phase, kind: PhaseKind, loop: _Pha
                "train_loss": float(total) / max(1, nb), "seconds": round(time.time() - t0, 3)}
         _epoch_end(run, phase, kind, loop.state, epoch, row)
         extra = {k: v for k, v in row.items() if k not in _CSV_FIELDS}
-        pending.append({**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""})
-        last = epoch + 1 == phase.epochs
-        if cfg.state_every <= 0 or last or time.time() - saved_at >= cfg.state_every:
-            _save_state(step, phase, loop, epoch)
-            for r in pending:  # after the state: a kill never duplicates a row
-                run.log_epoch(r)
-            pending, saved_at = [], time.time()
+        return {**{k: row.get(k, "") for k in _CSV_FIELDS}, "extra": json.dumps(extra) if extra else ""}
+
+    run_epochs(start_epoch, lambda e: e >= phase.epochs, one_epoch, lambda e: _save_state(step, phase, loop, e),
+               run.log_epoch, run.cfg.state_every)
 
 
 def _train_epoch(run: Run, step: int, phase: Phase, loop: _PhaseLoop, nets: List[nn.Module], epoch: int,
@@ -511,11 +588,7 @@ def _train_epoch(run: Run, step: int, phase: Phase, loop: _PhaseLoop, nets: List
     total, nb = sgd_batches(itertools.islice(it, loop.batches),
                             lambda xb, yb: _batch_loss(run, phase, loop.state, nets, xb, yb, loop.gen),
                             loop.opt, scaler=loop.scaler, sparsifier=sp, sched=loop.sched)
-    if not math.isfinite(float(total)):  # checked once per epoch: no host sync per batch
-        raise RuntimeError(
-            f"non-finite loss at step {step} phase {phase.name} epoch {epoch + 1}; "
-            f"the last saved state (an earlier epoch) is kept in {loop.state_path}"
-        )
+    check_finite_loss(total, f"step {step} phase {phase.name} epoch {epoch + 1}", loop.state_path)  # once per epoch
     return total, nb
 
 
@@ -539,11 +612,11 @@ def _save_state(step: int, phase: Phase, loop: _PhaseLoop, epoch: int) -> None:
         sd.update({f"t.{k}": v for k, v in state.teacher.state_dict().items()})
     if is_main_process():
         sp = state.sparsifier
-        checkpoint.save_training_state(
+        save_training_state(
             loop.state_path, sd, loop.opt.state_dict(),
             {"step": step, "phase": phase.name, "epoch": epoch + 1, "sched": loop.sched.state_dict(),
-             "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": state.teacher_val,
-             "rng": checkpoint.rng_state(), "gen": loop.gen.get_state()},
+             "sparsifier": sp.state_dict() if sp is not None else None, "teacher_val": state.teacher_val},
+            gen=loop.gen,
         )
 
 

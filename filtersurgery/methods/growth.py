@@ -23,13 +23,13 @@ Outputs in ``out_dir``: ``metrics.json`` (one entry: final test/val accuracy, cu
 training FLOPs, and per stage its epochs, accuracies, inference and cumulative training
 FLOPs), ``epochs.csv``, ``stageK.safetensors`` (the grown network after stage K),
 ``step1.safetensors`` (the final model). ``.work/growth_state.pt`` is written after every
-epoch: re-running the same command resumes from the last finished epoch.
+epoch (or every ``state_every`` seconds, as the trainer's phases: the engine's epoch driver,
+``engine/epochs.py``): re-running the same command resumes from the last saved epoch.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 
 from filtersurgery.engine import checkpoint
+from filtersurgery.engine.epochs import check_finite_loss, run_epochs, save_training_state
 from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.engine.phases import augmented, autocast
 from filtersurgery.engine.registry import MethodSpec, option, register
@@ -148,10 +149,8 @@ class _Growth:
         """Write the resumable state (after an epoch: with the optimizer and augmentation generator)."""
         extra = {"growth": self.config["growth"], "phase": self.phase if phase is None else phase,
                  "curve": self.curve, "history": self.history, "stages": self.stages, "train_flops": self.train_flops,
-                 "seconds": self.seconds, "head_k": self.head_k, "rng": checkpoint.rng_state()}
-        if gen is not None:
-            extra["gen"] = gen.get_state()
-        checkpoint.save_training_state(self.state_path, _pack(self.model, net), opt.state_dict() if opt else None, extra)
+                 "seconds": self.seconds, "head_k": self.head_k}
+        save_training_state(self.state_path, _pack(self.model, net), opt.state_dict() if opt else None, extra, gen=gen)
 
 
 def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None) -> Dict:
@@ -248,30 +247,35 @@ def _train_phase(g: _Growth, net: GrownNet, k: int, kind: str) -> str:
         n_batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
         max_epochs = gcfg.lookahead_epochs if kind == "lookahead" else cfg.epochs
         watch = kind == "train" and not gcfg.regular
+
+        def rule() -> bool:  # the termination rule on the validation curve so far
+            return watch and should_grow(g.curve, gcfg.window, gcfg.gamma)
+
         net.train()
-        while len(g.curve) < max_epochs and not (watch and should_grow(g.curve, gcfg.window, gcfg.gamma)):
-            _epoch(g, net, k, kind, (opt, scaler, loader, n_batches, gen), per_img)
-        return "rule" if (watch and should_grow(g.curve, gcfg.window, gcfg.gamma)) else "cap"
+        training = (opt, scaler, loader, n_batches, gen)
+        run_epochs(len(g.curve), lambda e: e >= max_epochs or rule(),
+                   lambda e: _epoch(g, net, k, kind, training, per_img), lambda e: g.save(net, opt, gen),
+                   g.run.log_epoch, cfg.state_every)
+        return "rule" if rule() else "cap"
 
 
-def _epoch(g: _Growth, net: GrownNet, k: int, kind: str, training, per_img: int) -> None:
-    """One epoch: train, validate, count FLOPs, save the state, then log the row (a kill never
-    duplicates a row)."""
+def _epoch(g: _Growth, net: GrownNet, k: int, kind: str, training, per_img: int) -> Dict:
+    """One epoch: train, validate, count FLOPs; returns its ``epochs.csv`` row (the epoch driver saves
+    the state, then logs the row)."""
     opt, scaler, loader, n_batches, gen = training
     t0 = time.time()
     epoch = len(g.curve)
-    loss_sum, n_img = _train_epoch(g.run, net, opt, scaler, loader, epoch, n_batches, gen)
+    loss_sum, n_img = _train_epoch(g.run, net, opt, scaler, loader, epoch, n_batches, gen, where=f"stage {k} {kind}")
     val = g.run.acc(net, [0])
     g.curve.append(val / 100.0)
     g.train_flops += per_img * n_img
     dt = time.time() - t0
     g.seconds += dt
     angle = window_angles(g.curve, g.gcfg.window)[-1] if len(g.curve) % g.gcfg.window == 0 else None
-    g.save(net, opt, gen)
-    g.run.log_epoch({"stage": k, "phase": kind, "epoch": epoch + 1, "lr": _lr(g.run.cfg),
-                     "train_loss": round(loss_sum / max(1, n_img), 5), "val_acc": round(val, 3),
-                     "angle": "" if angle is None else round(angle, 4), "train_flops": g.train_flops,
-                     "seconds": round(dt, 3)})
+    return {"stage": k, "phase": kind, "epoch": epoch + 1, "lr": _lr(g.run.cfg),
+            "train_loss": round(loss_sum / max(1, n_img), 5), "val_acc": round(val, 3),
+            "angle": "" if angle is None else round(angle, 4), "train_flops": g.train_flops,
+            "seconds": round(dt, 3)}
 
 
 def _end_phase(g: _Growth, net: GrownNet, k: int, kind: str, stopped: str) -> None:
@@ -312,7 +316,7 @@ def _final_metrics(g: _Growth) -> Dict:
 
 
 def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoch: int, n_batches: int,
-                 gen: torch.Generator) -> Tuple[float, int]:
+                 gen: torch.Generator, where: str = "") -> Tuple[float, int]:
     """One epoch of CE on randomly cropped + flipped batches through the engine's batch loop
     (:func:`~filtersurgery.engine.loop.sgd_batches`); returns (summed loss, images seen)."""
     def loss_fn(xb, yb):  # the trainer's cross-entropy batch (engine/phases.py helpers)
@@ -322,7 +326,5 @@ def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoc
 
     loader.set_epoch(epoch)
     total, n = sgd_batches(itertools.islice(loader, n_batches), loss_fn, opt, scaler=scaler, per_sample=True)
-    total = float(total)
-    if not math.isfinite(total):
-        raise RuntimeError(f"non-finite loss at epoch {epoch + 1}; the last good state is kept in {run.work / STATE_FILE}")
-    return total, n
+    check_finite_loss(total, f"{where} epoch {epoch + 1}".strip(), run.work / STATE_FILE)  # once per epoch
+    return float(total), n

@@ -536,4 +536,5 @@ def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -
 
 
 register(MethodSpec(METHODS, SharingConfig, run_method,
-                    help="class-incremental partial network sharing and its class fine-tuning baseline (docs/sharing.md)"))
+                    help="class-incremental partial network sharing and its class fine-tuning baseline (docs/sharing.md)",
+                    lr_is_training_lr=False))
