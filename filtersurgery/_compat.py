@@ -88,7 +88,12 @@ def old_attribute(name: str):
     """``filtersurgery.<old>`` as an attribute (``import filtersurgery; filtersurgery.sparsity``): the
     module of the old path, imported (with its FutureWarning); AttributeError for other names."""
     if name in OLD_PATHS:
-        return importlib.import_module(f"filtersurgery.{name}")
+        with warnings.catch_warnings(record=True) as caught:  # re-issued below, pointing at the caller
+            warnings.simplefilter("always")
+            module = importlib.import_module(f"filtersurgery.{name}")
+        for w in caught:
+            warnings.warn(w.message, w.category, stacklevel=3)  # 1: here, 2: filtersurgery.__getattr__, 3: the caller
+        return module
     raise AttributeError(f"module 'filtersurgery' has no attribute {name!r}")
 
 

@@ -333,3 +333,21 @@ def test_sweep_sharing_flags_are_train_config_fields_with_their_own_help():
     helps = {a.dest: a.help for a in sub.choices["sweep-sharing"]._actions}
     assert helps["lr"].startswith("branch learning rate") and helps["epochs"].startswith("epochs per network")
     assert "device" in helps and "progress" in helps and "method" not in helps
+
+
+def test_registries_survive_reloading_their_modules():
+    """importlib.reload of engine/registry.py or engine/phases.py keeps every registered method, plan, phase kind
+    and warm start (run in a fresh interpreter: reloading replaces classes other tests use)."""
+    import subprocess
+
+    code = ("import importlib, filtersurgery\n"
+            "from filtersurgery.engine import registry, phases, trainer\n"
+            "def tables():\n"
+            "    return (registry.names(), tuple(registry.MULTI_STEP_METHODS), tuple(phases.PHASE_KINDS),"
+            " tuple(phases.WARM_STARTS))\n"
+            "before = tables()\n"
+            "importlib.reload(registry); importlib.reload(phases)\n"
+            "assert tables() == before, (tables(), before)\n"
+            "assert trainer.PHASE_KINDS is phases.PHASE_KINDS and 'growth' in registry.names()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -137,8 +137,10 @@ class WarmStart:
         return 0
 
 
-PHASE_KINDS: Dict[str, PhaseKind] = {}
-WARM_STARTS: Dict[str, WarmStart] = {}
+# the tables survive importlib.reload of this module (the kinds registered by other modules stay, and
+# modules that imported the tables by name keep seeing the same objects)
+PHASE_KINDS: Dict[str, PhaseKind] = globals().get("PHASE_KINDS", {})
+WARM_STARTS: Dict[str, WarmStart] = globals().get("WARM_STARTS", {})
 
 
 def _register(table: Dict[str, Any], cls: type, what: str) -> type:

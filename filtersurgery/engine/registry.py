@@ -67,7 +67,8 @@ class MethodSpec:
         return self.run.__module__
 
 
-_BY_NAME: Dict[str, MethodSpec] = {}  # method name -> spec, in registration order
+# method name -> spec, in registration order; the tables survive importlib.reload of this module
+_BY_NAME: Dict[str, MethodSpec] = globals().get("_BY_NAME", {})
 
 
 def _same(a: MethodSpec, b: MethodSpec) -> bool:
@@ -141,7 +142,7 @@ SINGLE_RUN_METHODS = _MethodModules()
 
 
 # --------------------------------------------------------------------------- multi-step methods
-_PLANS: Dict[str, Callable] = {}  # multi-step method name -> plan(cfg, step) -> list of phases (steps >= 2)
+_PLANS: Dict[str, Callable] = globals().get("_PLANS", {})  # multi-step name -> plan(cfg, step) -> phases (steps >= 2)
 
 
 def register_plan(name: str, plan: Callable) -> Callable:
