@@ -57,6 +57,19 @@ def test_layers_import_only_downwards(layer):
     assert not bad, "upward imports (" + " < ".join(LAYERS) + "):\n" + "\n".join(bad)
 
 
+# sideways rules beyond the order (docs/architecture.md): layer -> layers it must never import
+NEVER = {"models": set(LAYERS) - {"models"}, "data": set(LAYERS) - {"data"},
+         "tracing": {"data", "distill", "ops", "report", "engine", "methods", "cli"},
+         "engine": {"distill"}}
+
+
+@pytest.mark.parametrize("layer", sorted(NEVER))
+def test_layers_keep_their_sideways_rules(layer):
+    bad = [f"{path.relative_to(PKG)}:{line} imports {target}"
+           for path in sorted((PKG / layer).rglob("*.py")) for line, target in _imports(path) if target in NEVER[layer]]
+    assert not bad, f"{layer}/ must not import {sorted(NEVER[layer])}:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("old", sorted(_compat.OLD_PATHS))
 def test_old_module_paths_import_with_a_future_warning(old):
     name = f"filtersurgery.{old}"

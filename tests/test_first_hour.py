@@ -315,3 +315,27 @@ def test_demo_sentence_says_who_is_ahead(tmp_path):
     assert "framework is ahead of fine-tuning by 1.50 points" in demo_sentence(res(80.0, 81.5), flops, tmp_path)
     assert "level with" in demo_sentence(res(80.0, 80.0), flops, tmp_path)
     assert "5.0x its training FLOPs" in demo_sentence(res(80.0, 80.0), flops, tmp_path)
+
+
+@pytest.mark.parametrize("method,extra", [("plain", ()), ("framework", ("--steps", "2"))])
+def test_killed_run_refuses_a_rerun_with_other_settings(tmp_path, capsys, monkeypatch, method, extra):
+    """Killed before its first metrics.json (a single-run method, or step 1): a re-run with another --lr is
+    refused with one line instead of resuming the old schedule; the same command resumes, and the settings
+    file is gone once the seed finishes."""
+    out = tmp_path / "o"
+    real = trainer.Run.log_epoch
+
+    def log_then_interrupt(self, row):
+        real(self, row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Run, "log_epoch", log_then_interrupt)
+    argv = run_args(out, "--method", method, *extra)
+    assert cli(argv, capsys)[0] == 130
+    assert not (out / "seed0" / "metrics.json").exists()
+    monkeypatch.setattr(trainer.Run, "log_epoch", real)
+    rc, _, err = cli(argv + ["--lr", "0.5"], capsys)
+    assert rc == 2 and "holds a run with lr=None (now 0.5)" in err, err
+    rc, stdout, _ = cli(argv, capsys)
+    assert rc == 0 and "resuming at step 1" in stdout
+    assert not (out / "seed0" / ".work").exists()

@@ -11,9 +11,11 @@ from typing import Optional
 
 import pytest
 
+from conftest import subcommands
+
 import filtersurgery
 from filtersurgery import train
-from filtersurgery.cli.main import build_parser, main
+from filtersurgery.cli.main import main
 from filtersurgery.cli.options import add_options, options_from_args
 from filtersurgery.engine import registry
 from filtersurgery.engine.registry import MethodSpec, option
@@ -29,8 +31,7 @@ RENAMED = {"--alpha": "--reactivation-alpha", "--beta": "--reactivation-beta", "
 
 
 def _run_parser():
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["run"]
+    return subcommands()["run"]
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_register_refuses_a_taken_name_and_accepts_a_new_method(scratch_registry
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(names=()), "names"), (dict(options=dict), "options"), (dict(run=1), "run")])
+    (dict(names=()), "names"), (dict(options=dict), "options"), (dict(run=1), "run"), (dict(plan=3), "plan")])
 def test_method_spec_refuses_bad_fields(bad, match):
     spec = dict(names="x", options=GrowthConfig, run=lambda *a: {})
     with pytest.raises(ValueError, match=f"^{match}:"):
@@ -193,10 +194,9 @@ def test_cli_prints_a_deprecated_flag_as_one_warning_line(capsys):
 
 
 def test_sweep_sharing_lives_in_cli():
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     from filtersurgery.cli import sweep
 
-    assert sub.choices["sweep-sharing"].get_default("func") is sweep.cmd_sweep
+    assert subcommands()["sweep-sharing"].get_default("func") is sweep.cmd_sweep
 
 
 def test_multi_step_methods_are_registered_plans():
@@ -329,8 +329,7 @@ def test_add_options_refuses_unknown_names():
 
 
 def test_sweep_sharing_flags_are_train_config_fields_with_their_own_help():
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    helps = {a.dest: a.help for a in sub.choices["sweep-sharing"]._actions}
+    helps = {a.dest: a.help for a in subcommands()["sweep-sharing"]._actions}
     assert helps["lr"].startswith("branch learning rate") and helps["epochs"].startswith("epochs per network")
     assert "device" in helps and "progress" in helps and "method" not in helps
 
@@ -351,3 +350,33 @@ def test_registries_survive_reloading_their_modules():
             "assert trainer.PHASE_KINDS is phases.PHASE_KINDS and 'growth' in registry.names()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_method_plan_gives_the_banner_its_phases(scratch_registry):
+    """console.plan_run reads a single-run method's phases from its spec's plan (no name-switch in the CLI)."""
+    from filtersurgery.cli import console
+    from filtersurgery.data.datasets import load_dataset
+    from filtersurgery.engine.trainer import Phase, TrainConfig
+
+    @dataclass
+    class Opts:
+        pass
+
+    def plan(cfg, options, data):
+        half = data.train_y[data.train_y < 5]
+        return [(1, Phase("first", "scratch", [0], 0.1, cfg.epochs), half),
+                (2, Phase("second", "finetune", [0], 0.01, 2 * cfg.epochs), data.train_y)]
+
+    registry.register(MethodSpec("toy-planned", Opts, lambda *a: {}, plan=plan))
+    registry.register(MethodSpec("toy-unplanned", Opts, lambda *a: {}))
+    data = load_dataset("demo")
+    cfg = TrainConfig(method="toy-planned", data="demo", epochs=3, subset=None)
+    phases = console.plan_run(cfg, data)
+    assert [(p.step, p.name, p.kind, p.epochs) for p in phases] == [(1, "first", "scratch", 3), (2, "second", "finetune", 6)]
+    assert phases[0].train_images + phases[0].val_images == int((data.train_y < 5).sum())
+    assert phases[1].train_images + phases[1].val_images == len(data.train_y)
+    assert console.plan_run(TrainConfig(method="toy-unplanned", data="demo"), data) == []
+    reactivation = console.plan_run(TrainConfig(method="filter-grafting", data="demo", epochs=2), data)
+    assert [(p.name, p.kind, p.epochs) for p in reactivation] == [("train", "scratch2", 2)]
+    sharing = console.plan_run(TrainConfig(method="sharing", data="demo"), data, options=SharingConfig(class_sets="5,5"))
+    assert [(p.step, p.name) for p in sharing] == [(1, "base"), (2, "branch")]

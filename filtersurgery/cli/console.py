@@ -18,7 +18,6 @@ a step (tracing, FLOP counting), so it is a lower bound; it is printed as ``abou
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from filtersurgery.engine import checkpoint
 from filtersurgery.data.datasets import ImageData, split_parts
+from filtersurgery.engine import registry
 from filtersurgery.engine.trainer import METHODS, Phase, TrainConfig, phase_kind, resume_point
 from filtersurgery.methods.multistep import plan_step
 from filtersurgery.tracing.probe import example_input, preserve_mode
@@ -38,9 +38,6 @@ __all__ = ["PlannedPhase", "plan_run", "measure_batch_seconds", "estimate_second
 
 # cost of evaluating one batch relative to training one (a forward pass of three)
 EVAL_COST = 1.0 / 3.0
-# single-run methods whose schedule is one phase over the whole training set
-_ONE_PHASE = {"plain": "scratch", "reactivation": "scratch", "weight-evolution": "scratch",
-              "filter-grafting": "scratch2"}
 
 
 @dataclass
@@ -84,26 +81,17 @@ def _part_sizes(y: torch.Tensor, parts: int, cfg: TrainConfig, seed: int) -> Lis
                                                          subset=cfg.subset)]
 
 
-def plan_run(cfg: TrainConfig, data: ImageData, seed: int = 0, class_sets: Optional[List[List[int]]] = None
-             ) -> List[PlannedPhase]:
-    """The phases one seed of ``cfg.method`` trains, with their sizes (empty for ``growth``,
-    whose number of epochs is decided while it trains)."""
+def plan_run(cfg: TrainConfig, data: ImageData, seed: int = 0, options=None) -> List[PlannedPhase]:
+    """The phases one seed of ``cfg.method`` trains, with their sizes: a multi-step method's steps, or a
+    single-run method's own plan (its :attr:`~filtersurgery.engine.registry.MethodSpec.plan`, given its
+    ``options``; empty for ``growth``, whose number of epochs is decided while it trains)."""
     if cfg.method in METHODS:
         sizes = _part_sizes(data.train_y, cfg.steps if cfg.split == "multi" else 2, cfg, seed)
         return [_phase(cfg, k, ph, sizes) for k in range(1, cfg.steps + 1) for ph in plan_step(cfg, k)]
-    if cfg.method in _ONE_PHASE:
-        sizes = _part_sizes(data.train_y, 1, cfg, seed)
-        kind = _ONE_PHASE[cfg.method]
-        return [_phase(cfg, 1, Phase("train", kind, [0], 0.1, cfg.epochs), sizes)]
-    if cfg.method in ("sharing", "class-finetune") and class_sets:
-        out = []
-        for k, cls in enumerate(class_sets, start=1):
-            y = data.train_y[torch.isin(data.train_y, torch.as_tensor(cls))]
-            kind = "scratch" if k == 1 else "finetune"
-            name = "base" if k == 1 else ("branch" if cfg.method == "sharing" else "finetune")
-            out.append(_phase(cfg, k, Phase(name, kind, [0], 0.1, cfg.epochs), _part_sizes(y, 1, cfg, seed)))
-        return out
-    return []
+    spec = registry.get(cfg.method) if cfg.method in registry.names() else None
+    if spec is None or spec.plan is None:
+        return []
+    return [_phase(cfg, k, ph, _part_sizes(y, 1, cfg, seed)) for k, ph, y in spec.plan(cfg, options, data)]
 
 
 # --------------------------------------------------------------------------- timing

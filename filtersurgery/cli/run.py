@@ -2,7 +2,7 @@
 
 ``run`` writes, per seed, ``OUT/seedS/stepK.safetensors``, ``OUT/seedS/metrics.json``,
 ``OUT/seedS/epochs.csv``, and over all seeds ``OUT/summary.json`` and
-``OUT/accuracy.png``. Re-running the same command resumes (docs/cli.md).
+``OUT/accuracy.png``. Re-running the same command resumes (docs/trainer.md).
 """
 from __future__ import annotations
 
@@ -16,9 +16,17 @@ from typing import Dict, List, Optional
 
 from filtersurgery.cli.options import add_options, option_fields, options_from_args
 from filtersurgery.engine import registry
-from filtersurgery.engine.trainer import MODEL_HELP, SINGLE_RUN_METHODS, TrainConfig
+from filtersurgery.engine.trainer import DATA_HELP, MODEL_HELP, SINGLE_RUN_METHODS, TrainConfig, lam_value  # noqa: F401 (the help texts: importable from here, as before)
 
 MODEL_DATA_FIELDS = ("model", "data", "data_root", "download", "image_size")
+
+
+def lam_arg(text: str):
+    """``--lam``: ``auto`` or a number >= 0 (argparse type; kept for code that imported it from here)."""
+    try:
+        return lam_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def resume_keys() -> List[str]:
@@ -57,21 +65,54 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return options_from_args(TrainConfig, args, steps=steps)
 
 
-def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
-    """Refuse to resume into a folder that holds a run with other settings (nothing is overwritten)."""
-    mpath = out / f"seed{seed}" / "metrics.json"
-    if not mpath.exists():
-        return
+RUN_SETTINGS = Path(".work") / "run.json"  # a seed folder's settings while its run is unfinished
+
+
+def _earlier_config(path: Path, nested: bool) -> Optional[Dict]:
+    """The settings recorded in ``path`` (``metrics.json``'s ``config`` when ``nested``); None when missing."""
+    if not path.exists():
+        return None
     try:
-        old = json.loads(mpath.read_text())
-        if not isinstance(old, dict):
-            raise ValueError(f"out: {mpath} is not a metrics.json object; move it away or use another --out")
-        old = old.get("config", {})
+        old = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"out: {mpath} is corrupt ({e}); move it away or use another --out") from None
+        raise ValueError(f"out: {path} is corrupt ({e}); move it away or use another --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"out: {path} is not a JSON object; move it away or use another --out")
+    return old.get("config", {}) if nested else old
+
+
+def _has_earlier_work(seed_dir: Path) -> bool:
+    """True when ``seed_dir`` holds anything an earlier run trained or wrote besides its settings file."""
+    return seed_dir.is_dir() and any(p.is_file() and p != seed_dir / RUN_SETTINGS for p in seed_dir.rglob("*"))
+
+
+def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
+    """Refuse to resume into a folder that holds a run with other settings (nothing is overwritten).
+
+    Compares the :func:`resume_keys` with the finished steps' ``metrics.json`` and, while a run
+    is unfinished (killed before its first ``metrics.json``, e.g. in step 1 or a single-run
+    method), with the settings :func:`claim_out_dir` wrote when it started."""
+    seed_dir = out / f"seed{seed}"
     from filtersurgery.engine.checkpoint import refuse_other_settings
 
-    refuse_other_settings(out, old, asdict(cfg), keys=[k for k in resume_keys() if k in old])
+    olds = [_earlier_config(seed_dir / "metrics.json", nested=True)]
+    if _has_earlier_work(seed_dir):
+        olds.append(_earlier_config(seed_dir / RUN_SETTINGS, nested=False))
+    for old in olds:
+        if old is not None:
+            refuse_other_settings(out, old, asdict(cfg), keys=[k for k in resume_keys() if k in old])
+
+
+def claim_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
+    """Record the run's :func:`resume_keys` settings in ``OUT/seedS/.work/run.json`` (removed when the seed
+    finishes), so a re-run with other settings is refused even before the first ``metrics.json``."""
+    from filtersurgery.engine.checkpoint import atomic_write_json, make_dir
+
+    path = out / f"seed{seed}" / RUN_SETTINGS
+    make_dir(path.parent.parent)  # a folder that cannot be created: one line naming it
+    make_dir(path.parent)
+    settings = asdict(cfg)
+    atomic_write_json({k: settings[k] for k in resume_keys()}, path)
 
 
 def summarize(out: Path, seeds: List[int], method: str) -> Dict:
@@ -118,23 +159,13 @@ def _init_distributed(cfg: TrainConfig) -> None:
 def lr_text(cfg: TrainConfig) -> str:
     """The learning rates ``cfg.method`` trains with, in words (for the start banner)."""
     if cfg.method in registry.training_lr_methods():  # --lr is the lr of the one training run
-        schedule = "constant" if cfg.method == "growth" else "cosine"
-        return f"{cfg.lr if cfg.lr is not None else cfg.scratch_lr:g} ({schedule}; --lr)"
+        return f"{cfg.lr if cfg.lr is not None else cfg.scratch_lr:g} ({registry.get(cfg.method).schedule}; --lr)"
     if cfg.method == "joint":
         return f"{cfg.scratch_lr:g} (from scratch every step)"
-    first = "base network" if cfg.method in ("sharing", "class-finetune") else "step 1"
+    if cfg.method in SINGLE_RUN_METHODS:  # a base network, then new data at the new-data lr (sharing)
+        return f"new data {cfg.new_lr:g} (--lr), base network {cfg.scratch_lr:g}"
     sst = f", SST {cfg.sst_lr:g}" if cfg.method in ("framework", "bst") else ""
-    new = cfg.new_lr if cfg.method in ("sharing", "class-finetune") else cfg.step_lr
-    return f"new data {new:g} (--lr), {first} {cfg.scratch_lr:g}{sst}"
-
-
-def _class_sets(cfg: TrainConfig, options, data) -> Optional[List[List[int]]]:
-    """The class sets of ``sharing`` / ``class-finetune`` (None for other methods)."""
-    if cfg.method not in ("sharing", "class-finetune"):
-        return None
-    from filtersurgery.methods.sharing import class_sets_from
-
-    return class_sets_from(getattr(options, "class_sets", None), data.num_classes)
+    return f"new data {cfg.step_lr:g} (--lr), step 1 {cfg.scratch_lr:g}{sst}"
 
 
 def _start(cfg: TrainConfig, args: argparse.Namespace, options, data, out: Path) -> Dict:
@@ -144,7 +175,7 @@ def _start(cfg: TrainConfig, args: argparse.Namespace, options, data, out: Path)
 
     dev = resolve_device(cfg.device)
     amp = amp_dtype(cfg, dev)
-    plan = console.plan_run(cfg, data, args.seeds[0], _class_sets(cfg, options, data))
+    plan = console.plan_run(cfg, data, args.seeds[0], options)
     resumes = {s: console.find_resume(out / f"seed{s}", cfg) for s in args.seeds}
     lines = console.banner(cfg, data, args, out, dev, amp, plan)
     lines.insert(2, f"  lr       {lr_text(cfg)}")
@@ -194,6 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for s in args.seeds:
         check_out_dir(out, cfg, s)
     data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, image_size=cfg.image_size))
+    for s in args.seeds if is_main_process() else []:  # after every check: a refused run writes nothing
+        claim_out_dir(out, cfg, s)
     seed = None
     try:
         resumes = _start(cfg, args, options, data, out) if is_main_process() else {}
@@ -230,9 +263,17 @@ def _remove_empty_work(seed_dir: Path) -> None:
     from filtersurgery.engine.trainer import is_main_process
 
     if is_main_process():
+        (seed_dir / RUN_SETTINGS).unlink(missing_ok=True)
         remove_empty_dir(seed_dir / ".work")
 
 
+# the demo's TrainConfig flags: its own defaults (the CPU testbed at a 5-minute size) and the help of those
+# it reads its own way
+_DEMO_DEFAULTS = dict(model="cifar:resnet8", steps=4, epochs=3, subset=3000)
+_DEMO_HELP = {"steps": "number of steps/data parts (default %(default)s)",
+              "epochs": "epochs per phase; step 1 gets twice as many (default %(default)s)",
+              "subset": "training images per data part (default %(default)s; the embedded subset has 1350)",
+              "data_root": "folder holding the Fashion-MNIST files (default: the usual places, else the embedded subset)"}
 DEMO_METHODS = {"finetune (lr 1e-2)": dict(method="finetune", lr=1e-2), "framework": dict(method="framework")}
 
 
@@ -325,13 +366,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_run)
     d = sub.add_parser("demo", help="fine-tuning vs the framework on Fashion-MNIST in about 5 minutes on a CPU")
     d.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
-    d.add_argument("--model", default="cifar:resnet8", help=f"{MODEL_HELP} (default %(default)s)")
-    d.add_argument("--steps", type=int, default=4, help="number of steps/data parts (default %(default)s)")
-    d.add_argument("--epochs", type=int, default=3, help="epochs per phase; step 1 gets twice as many (default %(default)s)")
-    d.add_argument("--subset", type=int, default=3000,
-                   help="training images per data part (default %(default)s; the embedded subset has 1350)")
-    d.add_argument("--data-root", default=None,
-                   help="folder holding the Fashion-MNIST files (default: the usual places, else the embedded subset)")
-    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    d.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    add_options(d, TrainConfig, only=("model", "steps", "epochs", "subset", "data_root", "device", "progress"),
+                help=_DEMO_HELP)
+    d.set_defaults(**_DEMO_DEFAULTS)
     d.set_defaults(func=cmd_demo)

@@ -14,7 +14,7 @@ from filtersurgery.cli.options import add_options, options_from_args
 from filtersurgery.cli.run import add_model_data_arguments
 from filtersurgery.data.datasets import check_classes, load_dataset
 from filtersurgery.engine.trainer import TrainConfig
-from filtersurgery.methods.sharing import DEFAULT_SHARES, class_sets_from, sweep_sharing
+from filtersurgery.methods.sharing import DEFAULT_SHARES, SharingConfig, class_sets_from, sweep_sharing
 from filtersurgery.models.factory import build_model
 
 __all__ = ["cmd_sweep", "format_table", "add_parsers"]
@@ -86,7 +86,7 @@ def add_parsers(sub) -> None:
     Its training flags are TrainConfig's (the help of those it reads differently replaced)."""
     p = sub.add_parser("sweep-sharing", help="accuracy-vs-sharing curve of partial network sharing (docs/sharing.md)")
     add_model_data_arguments(p)
-    p.add_argument("--class-sets", default=None, metavar="N,N,...", help="set sizes in label order (default 40/30/30%%)")
+    add_options(p, SharingConfig, only=("class_sets",), help={"class_sets": "set sizes in label order (default 40/30/30%%)"})
     p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES),
                    help="comma-separated shares to train (0 is always added; default %(default)s)")
     p.add_argument("--max-drop", type=float, default=1.0,

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from filtersurgery.ops.filter_grafting import GraftReport, graft
-from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport, _check_fraction
+from filtersurgery.ops.checks import check_fraction
+from filtersurgery.ops.reactivation import KernelReactivation, ReactivationReport
 from filtersurgery.ops.weight_evolution import EvolutionReport, evolve_weights
 
 __all__ = ["ReactivationCallback", "WeightEvolutionCallback", "GraftingCallback", "report_row"]
@@ -82,7 +83,7 @@ class WeightEvolutionCallback:
 
     def __init__(self, model: nn.Module, period: int = 10, alpha: float = 0.2, beta: float = 0.3):
         for n, v in (("alpha", alpha), ("beta", beta)):
-            _check_fraction(n, v)
+            check_fraction(n, v)
         self.model, self.alpha, self.beta, self.period = model, alpha, beta, _check_period(period)
         self.epoch = 0
         self.history: List[EvolutionReport] = []
@@ -105,7 +106,7 @@ class GraftingCallback:
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, period: int = 1, a: float = 0.4, c: float = 500.0,
                  bins: int = 10):
-        _check_fraction("a", a)
+        check_fraction("a", a)
         if not float(c) > 0:
             raise ValueError(f"c: must be > 0, got {c!r}")
         self.model_a, self.model_b, self.period = model_a, model_b, _check_period(period)

@@ -68,9 +68,10 @@ def save_training_state(path: Path, model_state: Mapping[str, torch.Tensor], opt
 
 
 def restore_rng(extra: Mapping[str, Any], gen: Optional[torch.Generator] = None) -> None:
-    """Set the global RNGs (and ``gen``, when given and saved) to a state written by :func:`save_training_state`."""
+    """Set the global RNGs (and ``gen``, when given) to a state written by :func:`save_training_state`
+    (a state saved without the generator's is a KeyError naming it)."""
     checkpoint.set_rng_state(extra["rng"])
-    if gen is not None and extra.get("gen") is not None:
+    if gen is not None:
         gen.set_state(extra["gen"])
 
 

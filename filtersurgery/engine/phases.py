@@ -206,14 +206,21 @@ def autocast(run: "Run"):
     return torch.autocast(device_type=run.device.type, dtype=run.amp, enabled=run.amp is not None)
 
 
+def cross_entropy_batch(run: "Run", net: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                        gen: torch.Generator) -> torch.Tensor:
+    """Cross-entropy of ``net`` on one random crop + flip of the batch, under the run's autocast
+    (fp32 logits): the loss of plain training (phase kinds ``scratch``, ``finetune``; growth's stages)."""
+    x = augmented(run, xb, gen)
+    with autocast(run):
+        return F.cross_entropy(net(x).float(), yb)
+
+
 # --------------------------------------------------------------------------- plain training
 class CrossEntropy(PhaseKind):
     """Cross-entropy of one model on one augmented view of each batch."""
 
     def batch_loss(self, run, state, nets, xb, yb, gen):
-        x = augmented(run, xb, gen)
-        with autocast(run):
-            return F.cross_entropy(nets[0](x).float(), yb)
+        return cross_entropy_batch(run, nets[0], xb, yb, gen)
 
 
 @register_phase_kind

@@ -40,6 +40,10 @@ class MethodSpec:
     last part of the run function's module name). ``lr_is_training_lr``: ``--lr`` is the
     learning rate of the method's one training run (default ``TrainConfig.scratch_lr``);
     False: the method reads ``--lr`` otherwise (``sharing``: its branches' new-data lr).
+    ``schedule``: the learning-rate schedule, in words for the start banner (``cosine``;
+    growth: ``constant``). ``plan(cfg, options, data) -> [(step, Phase, labels)]``: the phases
+    one seed trains, each on the training images with these labels (the command line's
+    banner and duration estimate read it); None: not known before training (growth).
     """
 
     names: Union[str, Tuple[str, ...]]
@@ -48,6 +52,8 @@ class MethodSpec:
     help: str = ""
     title: str = ""
     lr_is_training_lr: bool = True
+    schedule: str = "cosine"
+    plan: Optional[Callable[..., Sequence[Tuple[int, Any, Any]]]] = None
 
     def __post_init__(self):
         names = (self.names,) if isinstance(self.names, str) else tuple(self.names)
@@ -57,6 +63,8 @@ class MethodSpec:
             raise ValueError(f"options: must be a dataclass (the method's options), got {self.options!r}")
         if not callable(self.run):
             raise ValueError(f"run: must be callable as run(cfg, options, out_dir, seed, data), got {self.run!r}")
+        if self.plan is not None and not callable(self.plan):
+            raise ValueError(f"plan: must be None or callable as plan(cfg, options, data), got {self.plan!r}")
         object.__setattr__(self, "names", names)
         if not self.title:
             object.__setattr__(self, "title", self.run.__module__.rsplit(".", 1)[-1])

@@ -39,6 +39,10 @@ def train_sparse(
     A given ``optimizer`` is used as is, with cosine annealing from its current lr.
     The model's train/eval mode is restored at the end. An epoch without batches or with a
     non-finite mean loss raises a one-line ValueError (``loader: ...`` / ``loss: ...``).
+
+    Its batches go through the engine's one batch loop (``sgd_batches``). It has no epoch
+    driver (``engine/epochs.py``) because it writes nothing: the caller owns the model, the
+    loader and any checkpoints, and ``sp.history`` is its log.
     """
     device = torch.device(device) if device is not None else device_dtype(model)[0]
     loss_fn = loss_fn or F.cross_entropy

@@ -38,7 +38,7 @@ from filtersurgery.engine.registry import MULTI_STEP_METHODS, SINGLE_RUN_METHODS
 from filtersurgery.engine.registry import option
 from filtersurgery.models.factory import build_model
 # TrainConfig.validate checks option values with the operations' own checks (ranking names, SST's e_cut_fraction)
-from filtersurgery.ops.ranking import check_ranking
+from filtersurgery.ops.ranking import RANKINGS, check_ranking
 from filtersurgery.ops.sparsity import SparsityConfig
 from filtersurgery.tracing.probe import eval_mode, example_input
 
@@ -54,6 +54,7 @@ MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNe
               "cifar:resnet20) or a bare timm NAME; random weights")
 DATA_HELP = "fashion-mnist | cifar100 | imagefolder:PATH (PATH/train/CLASS/*, PATH/val/CLASS/*) | demo"
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+DASH_GRANULARITIES = ("kernel", "filter")
 
 
 def lam_value(text: str) -> Union[float, str]:
@@ -133,12 +134,12 @@ class TrainConfig:
         None, flag="--dash-alpha", resume=True,
         help="dash: running-average weight of batch gradients (default: the mean gradient over the part)")
     dash_granularity: str = option(
-        "kernel", flag="--dash-granularity", choices=("kernel", "filter"), resume=True,
+        "kernel", flag="--dash-granularity", choices=DASH_GRANULARITIES, resume=True,
         help="dash: one shrink factor per kernel (the authors' code) or per filter (default %(default)s)")
     # SST / Dri / AOD / MSL
     target_r: float = option(0.3, flag="--target-r", help="Target_r of SST (default %(default)s)", resume=True)
     ranking: str = option(  # how factors of different norms compare
-        "per-norm", flag="--ranking", choices=("global", "per-norm"), resume=True,
+        "per-norm", flag="--ranking", choices=RANKINGS, resume=True,
         help="how scaling factors of different norms are compared: global |gamma| (the paper) or "
              "|gamma| over its own norm's mean (default %(default)s)")
     lam: Union[float, str] = option(  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
@@ -248,7 +249,7 @@ class TrainConfig:
 
     def _check_amp_lam(self) -> None:
         """``amp`` and the L1 strength ``lam`` (``auto`` or a finite number >= 0)."""
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
+        if self.amp not in AMP_MODES:
             raise ValueError(f"amp: must be one of auto, bf16, fp16, none, got {self.amp!r}")
         if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam: must be 'auto' or a finite number >= 0, got {self.lam!r}")
@@ -262,7 +263,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be {allowed}, got {v}")
         if self.dash_alpha is not None and not 0 < self.dash_alpha <= 1:
             raise ValueError(f"dash_alpha: must be None or in (0, 1], got {self.dash_alpha}")
-        if self.dash_granularity not in ("kernel", "filter"):
+        if self.dash_granularity not in DASH_GRANULARITIES:
             raise ValueError(f"dash_granularity: must be kernel or filter, got {self.dash_granularity!r}")
 
     def _check_sst_options(self) -> None:
@@ -432,6 +433,15 @@ class Run:
         cl = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         return augment.normalize(x, self.data.mean, self.data.std, memory_format=cl)
 
+    def drop_step_work(self, step: int) -> None:
+        """Remove what step ``step`` left in ``.work/`` once its result is written: its phases' output
+        models (``stepK_PHASE.safetensors``) and the resumable state (rank 0 only)."""
+        if not is_main_process():
+            return
+        for f in self.work.glob(f"step{step}_*.safetensors"):
+            f.unlink()
+        (self.work / STATE_FILE).unlink(missing_ok=True)
+
     def log_epoch(self, row: Dict) -> None:
         """Append ``row`` to ``out/epochs.csv`` (rank 0 only; the header of an existing file is kept)."""
         if not is_main_process():
@@ -449,8 +459,14 @@ class Run:
             w.writerow(row)
 
 
-def _sgd(params, lr, cfg: TrainConfig):
+def make_sgd(params, lr: float, cfg: TrainConfig) -> torch.optim.SGD:
+    """The engine's optimizer: SGD at ``lr`` with the config's momentum and weight decay."""
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scaler(run: Run) -> torch.amp.GradScaler:
+    """The run's AMP gradient scaler (enabled only under fp16)."""
+    return torch.amp.GradScaler(run.device.type, enabled=run.amp is torch.float16)
 
 
 def phase_seed(seed: int, step: int, name: str, salt: str = "") -> int:
@@ -525,9 +541,9 @@ def _set_up(run: Run, step: int, phase: Phase, kind: PhaseKind, model: nn.Module
     batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
     kind.set_up(run, step, phase, state, batches)
     params = [p for s in state.students for p in s.parameters() if p.requires_grad]
-    opt = _sgd(params, phase.lr, cfg)
+    opt = make_sgd(params, phase.lr, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs * max(1, batches))
-    scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
+    scaler = make_scaler(run)
     return _PhaseLoop(state, loader, opt, sched, scaler, gen, batches, state_path)
 
 

@@ -1,4 +1,4 @@
-"""Layer 4, methods: training methods built on the engine (kernel reactivation and its
+"""Layer 6, methods: training methods built on the engine (kernel reactivation and its
 baselines, class-incremental sharing, incremental growth). The multi-step framework and its
 baselines are :mod:`filtersurgery.methods.multistep` (``plan_step``, its phase kinds).
 

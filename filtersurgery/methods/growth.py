@@ -36,18 +36,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 
 from filtersurgery.engine import checkpoint
 from filtersurgery.engine.epochs import check_finite_loss, run_epochs, save_training_state
 from filtersurgery.engine.loop import sgd_batches
-from filtersurgery.engine.phases import augmented, autocast
+from filtersurgery.engine.phases import cross_entropy_batch
 from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.data.datasets import BatchLoader, ImageData
 from filtersurgery.ops.growth import (GrownNet, LinearHead, frozen_stages, grow, partition, should_grow,
                      train_flops_per_image, window_angles)
-from filtersurgery.engine.trainer import Run, TrainConfig, forward_flops, write_metrics
+from filtersurgery.engine.trainer import Run, TrainConfig, forward_flops, make_scaler, make_sgd, write_metrics
 from filtersurgery.tracing.probe import example_input
 
 __all__ = ["GrowthConfig", "run_method", "run_growth", "plan"]
@@ -94,7 +93,7 @@ def run_method(cfg: TrainConfig, options: Optional[GrowthConfig], out_dir: Path,
     return run_growth(cfg, options if options is not None else GrowthConfig(), out_dir, seed=seed, data=data)
 
 
-register(MethodSpec("growth", GrowthConfig, run_method,
+register(MethodSpec("growth", GrowthConfig, run_method, schedule="constant",
                     help="incremental growth with look-ahead: one training run (docs/growth.md)"))
 
 
@@ -233,13 +232,12 @@ def _train_phase(g: _Growth, net: GrownNet, k: int, kind: str) -> str:
     run, gcfg, cfg, dev, pi = g.run, g.gcfg, g.run.cfg, g.run.device, g.phase
     frozen = k - 1 if kind == "lookahead" else 0
     with (frozen_stages(net, frozen) if frozen else contextlib.nullcontext()):
-        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=_lr(cfg), momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+        opt = make_sgd([p for p in net.parameters() if p.requires_grad], _lr(cfg), cfg)
         gen = torch.Generator(device=dev).manual_seed(run.seed * 7919 + pi * 31 + 17)
         if g.st is not None and int(g.st["extra"].get("phase", -1)) == pi and g.curve:
             opt.load_state_dict(g.st["optimizer"])
             gen.set_state(g.st["extra"]["gen"])
-        scaler = torch.amp.GradScaler(dev.type, enabled=run.amp is torch.float16)
+        scaler = make_scaler(run)
         per_img = train_flops_per_image(net, (run.data.in_chans, run.data.size, run.data.size))
         x_tr, y_tr = run.part_xy([0], "train")
         loader = BatchLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, device=dev, seed=run.seed * 1000 + pi,
@@ -319,12 +317,8 @@ def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoc
                  gen: torch.Generator, where: str = "") -> Tuple[float, int]:
     """One epoch of CE on randomly cropped + flipped batches through the engine's batch loop
     (:func:`~filtersurgery.engine.loop.sgd_batches`); returns (summed loss, images seen)."""
-    def loss_fn(xb, yb):  # the trainer's cross-entropy batch (engine/phases.py helpers)
-        x = augmented(run, xb, gen)
-        with autocast(run):
-            return F.cross_entropy(net(x).float(), yb)
-
     loader.set_epoch(epoch)
-    total, n = sgd_batches(itertools.islice(loader, n_batches), loss_fn, opt, scaler=scaler, per_sample=True)
+    total, n = sgd_batches(itertools.islice(loader, n_batches), lambda xb, yb: cross_entropy_batch(run, net, xb, yb, gen),
+                           opt, scaler=scaler, per_sample=True)
     check_finite_loss(total, f"{where} epoch {epoch + 1}".strip(), run.work / STATE_FILE)  # once per epoch
     return float(total), n

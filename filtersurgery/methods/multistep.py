@@ -366,9 +366,7 @@ def _save_step(run: Run, step: int, model: nn.Module, metrics: Dict, entry: Dict
     if is_main_process():  # under torchrun only rank 0 writes (every rank holds the same model)
         checkpoint.save_state_dict(model.state_dict(), run.out / f"step{step}.safetensors")
         checkpoint.atomic_write_json(metrics, run.out / "metrics.json")
-        for f in run.work.glob(f"step{step}_*.safetensors"):
-            f.unlink()
-        (run.work / STATE_FILE).unlink(missing_ok=True)
+        run.drop_step_work(step)
     barrier()
 
 

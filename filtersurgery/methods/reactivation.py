@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,8 +41,8 @@ from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.engine.callbacks import (GraftingCallback, ReactivationCallback,  # noqa: F401 - their old home
                                             WeightEvolutionCallback, report_row)
 from filtersurgery.engine.phases import phase_kind
-from filtersurgery.engine.trainer import Phase, Run, TrainConfig, STATE_FILE, forward_flops, phase_flops, run_phase, write_metrics
-from filtersurgery.ops.reactivation import _check_fraction
+from filtersurgery.engine.trainer import Phase, Run, TrainConfig, forward_flops, phase_flops, run_phase, write_metrics
+from filtersurgery.ops.checks import check_fraction
 
 METHODS = ("plain", "reactivation", "weight-evolution", "filter-grafting")
 PHASE_NAME = "train"  # the same for every method: same augmentation stream per seed
@@ -72,7 +72,7 @@ class ReactivationMethodConfig:
     def validate(self) -> None:
         """One-line ValueError naming the bad field and its allowed range."""
         for n in ("alpha", "beta", "gamma", "graft_a"):
-            _check_fraction(n, getattr(self, n))
+            check_fraction(n, getattr(self, n))
         for n in ("period", "graft_period"):
             v = getattr(self, n)
             if isinstance(v, bool) or int(v) != v or v < 1:
@@ -235,15 +235,19 @@ def run_method(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], ou
     checkpoint.save_state_dict(model.state_dict(), ckpt)
     config = {**asdict(cfg), "seed": seed, "lr_used": phase.lr, "method_options": opts}
     metrics = write_metrics(out, run.data, config, [entry])
-    for f in run.work.glob("step1_*.safetensors"):
-        f.unlink()
-    (run.work / STATE_FILE).unlink(missing_ok=True)
+    run.drop_step_work(1)
     opts_path.unlink(missing_ok=True)  # metrics.json now holds the method options
     checkpoint.remove_empty_dir(run.work)
     return metrics
 
 
-register(MethodSpec(METHODS, ReactivationMethodConfig, run_method,
+def plan_phases(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], data) -> List[Tuple[int, Phase, torch.Tensor]]:
+    """The one phase of ``cfg.method``, on the whole training set (:attr:`MethodSpec.plan`)."""
+    one = replace(cfg, split="multi", steps=1)
+    return [(1, method_phase(one, options if options is not None else ReactivationMethodConfig()), data.train_y)]
+
+
+register(MethodSpec(METHODS, ReactivationMethodConfig, run_method, plan=plan_phases,
                     help="kernel reactivation and its baselines: one training run from scratch (docs/reactivation.md)"))
 
 __all__ = [

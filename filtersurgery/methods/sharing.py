@@ -39,7 +39,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.data.datasets import ImageData, load_dataset
 from filtersurgery.models.factory import build_model
 from filtersurgery.ops.sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
-from filtersurgery.engine.trainer import STATE_FILE, Phase, Run, TrainConfig, run_phase, write_metrics
+from filtersurgery.engine.trainer import Phase, Run, TrainConfig, run_phase, write_metrics
 from filtersurgery.tracing.probe import eval_mode, example_input
 
 METHODS = ("sharing", "class-finetune")
@@ -73,6 +73,21 @@ class SharingConfig:
     share: float = option(DEFAULT_SHARE, flag="--share",
                           help="sharing: fraction of conv parameters (forward order) frozen and shared with the base "
                                "(default %(default)s; 0 = no sharing)")
+
+
+def set_phase(cfg: TrainConfig, k: int) -> Phase:
+    """The phase of class set ``k``: the base network from scratch (k = 1, lr ``scratch_lr``), else
+    ``sharing``'s branch or ``class-finetune``'s fine-tuning at the new-data lr (``cfg.new_lr``)."""
+    if k == 1:
+        return Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs)
+    return Phase("branch" if cfg.method == "sharing" else "finetune", "finetune", [0], cfg.new_lr, cfg.epochs)
+
+
+def plan_phases(cfg: TrainConfig, options: Optional[SharingConfig], data: ImageData) -> List[Tuple[int, Phase, torch.Tensor]]:
+    """One phase per class set, each on the training images of its classes (:attr:`MethodSpec.plan`)."""
+    sets = class_sets_from(options.class_sets if options is not None else None, data.num_classes)
+    return [(k, set_phase(cfg, k), data.train_y[torch.isin(data.train_y, torch.as_tensor(cls))])
+            for k, cls in enumerate(sets, start=1)]
 
 
 def class_sets_from(spec: Optional[str], num_classes: int) -> List[List[int]]:
@@ -143,9 +158,7 @@ def _progress(out: Path, args: Dict) -> Dict:
 def _finish_step(run: Run, step: int, prog: Dict, out: Path, **info) -> None:
     prog["steps"][str(step)] = info
     checkpoint.atomic_write_json(prog, out / PROGRESS_FILE)
-    for f in run.work.glob(f"step{step}_*.safetensors"):
-        f.unlink()
-    (run.work / STATE_FILE).unlink(missing_ok=True)
+    run.drop_step_work(step)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -257,7 +270,7 @@ def _sharing_base(run: Run, prog: Dict, out: Path, base_from: Optional[Path]) ->
         _finish_step(run, 1, prog, out, seconds=0.0, base_from=str(base_from))
     else:
         t0 = time.time()
-        base = run_phase(run, 1, Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs), base)
+        base = run_phase(run, 1, set_phase(cfg, 1), base)
         checkpoint.save_state_dict(base.state_dict(), ck)
         _finish_step(run, 1, prog, out, seconds=round(time.time() - t0, 2))
     return base
@@ -273,7 +286,7 @@ def _sharing_branch(run: Run, k: int, base: nn.Module, share_frac: float, n_clas
     torch.manual_seed(seed * 1000 + k)  # the new head's initialization
     br = share(base, share_frac, num_classes=n_classes, example_inputs=ex)
     t0 = time.time()
-    br = run_phase(run, k, Phase("branch", "finetune", [0], run.cfg.new_lr, run.cfg.epochs), br)
+    br = run_phase(run, k, set_phase(run.cfg, k), br)
     checkpoint.save_state_dict(branch_state_dict(br), ck)
     _finish_step(run, k, prog, out, seconds=round(time.time() - t0, 2))
     return br
@@ -341,9 +354,7 @@ def run_class_finetune(cfg: TrainConfig, class_sets: List[List[int]], out_dir, s
             model.load_state_dict(checkpoint.load_state_dict(ck, device=str(dev)))
             continue
         t0 = time.time()
-        phase = (Phase("base", "scratch", [0], cfg.scratch_lr, cfg.epochs) if k == 1
-                 else Phase("finetune", "finetune", [0], cfg.new_lr, cfg.epochs))
-        model = run_phase(runs[k - 1], k, phase, model)
+        model = run_phase(runs[k - 1], k, set_phase(cfg, k), model)
         checkpoint.save_state_dict(model.state_dict(), ck)
         _finish_step(runs[k - 1], k, prog, out, seconds=round(time.time() - t0, 2))
     ev = evaluate_sets(model, runs, class_sets, remapped=False, data=data)
@@ -535,6 +546,6 @@ def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -
     return save_figure(fig, path)
 
 
-register(MethodSpec(METHODS, SharingConfig, run_method,
+register(MethodSpec(METHODS, SharingConfig, run_method, plan=plan_phases,
                     help="class-incremental partial network sharing and its class fine-tuning baseline (docs/sharing.md)",
                     lr_is_training_lr=False))

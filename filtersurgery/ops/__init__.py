@@ -1,4 +1,4 @@
-"""Layer 2, operations: functions of ``(model, scaling_map, ...)`` that change a model's weights.
+"""Layer 3, operations: functions of ``(model, scaling_map, ...)`` that change a model's weights.
 
 ``ranking`` (rank filters by their factor), ``sparsity`` (SST/BST sparsifier), ``reinit``
 (Dri rescale), ``reactivation``, ``weight_evolution``, ``filter_grafting``, ``sharing``

@@ -111,4 +111,15 @@ def check_target_r(target_r: float, name: str = "target_r") -> float:
     return t
 
 
-__all__ = ["check_finite", "check_target_r", "fraction_count", "smallest_mask"]
+def check_fraction(name: str, v: float) -> float:
+    """``v`` as a float in [0, 1] (a fraction of filters or kernels); one-line ValueError naming ``name``."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number in [0, 1], got {v!r}") from None
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"{name}: must be in [0, 1], got {v!r}")
+    return f
+
+
+__all__ = ["check_finite", "check_fraction", "check_target_r", "fraction_count", "smallest_mask"]

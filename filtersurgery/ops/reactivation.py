@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from filtersurgery.ops.checks import fraction_count, smallest_mask
+from filtersurgery.ops.checks import check_fraction, fraction_count, smallest_mask
 from filtersurgery.tracing.scaling_map import ScalingMap, unwrap
 
 
@@ -72,14 +72,7 @@ class ReactivationReport:
         return "\n".join(rows)
 
 
-def _check_fraction(name: str, v: float) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number in [0, 1], got {v!r}") from None
-    if not 0.0 <= f <= 1.0:
-        raise ValueError(f"{name}: must be in [0, 1], got {v!r}")
-    return f
+_check_fraction = check_fraction  # the old private name (ops/checks.py)
 
 
 def candidate_convs(model: nn.Module) -> Dict[str, nn.Conv2d]:
@@ -156,7 +149,7 @@ def reactivate_kernels(
     Returns a :class:`ReactivationReport` (per-layer counts; falsy when nothing qualified,
     in which case no weight changed). Dtype, device, memory format and train mode are kept.
     """
-    alpha, beta, gamma = (_check_fraction(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
+    alpha, beta, gamma = (check_fraction(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
     try:
         lr_ratio = float(lr_ratio)
     except (TypeError, ValueError):
@@ -200,7 +193,7 @@ class KernelReactivation:
 
     def __init__(self, model: nn.Module, alpha: float = 0.2, beta: float = 0.3, gamma: float = 0.1, period: int = 10):
         for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-            _check_fraction(n, v)
+            check_fraction(n, v)
         if int(period) != period or period < 1:
             raise ValueError(f"period: must be an integer >= 1, got {period!r}")
         self.model, self.alpha, self.beta, self.gamma, self.period = model, alpha, beta, gamma, int(period)

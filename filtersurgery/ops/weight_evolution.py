@@ -26,7 +26,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from filtersurgery.ops.reactivation import _check_fraction, candidate_convs, filter_importance, invalid_filters
+from filtersurgery.ops.checks import check_fraction
+from filtersurgery.ops.reactivation import candidate_convs, filter_importance, invalid_filters
 from filtersurgery.ops.checks import check_finite
 from filtersurgery.tracing.scaling_map import ScalingMap
 
@@ -84,7 +85,7 @@ def evolve_weights(model, alpha: float = 0.2, beta: float = 0.3) -> EvolutionRep
     Returns an :class:`EvolutionReport` (falsy when no weight was replaced). 1x1 convs are
     never touched; dtype, device, memory format and train mode are kept.
     """
-    alpha, beta = (_check_fraction(n, v) for n, v in (("alpha", alpha), ("beta", beta)))
+    alpha, beta = (check_fraction(n, v) for n, v in (("alpha", alpha), ("beta", beta)))
     if isinstance(model, ScalingMap):
         model = model.module
     if not isinstance(model, nn.Module):

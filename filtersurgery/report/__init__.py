@@ -1,4 +1,4 @@
-"""Layer 5, reports: accuracy-per-step figures and markdown tables (``figures``), factor
+"""Layer 4, reports: accuracy-per-step figures and markdown tables (``figures``), factor
 histograms (``plots``).
 
 ``filtersurgery.report`` keeps every public name it had as a module."""
