@@ -745,7 +745,7 @@ def resume_point(out_dir) -> Optional[Dict]:
 __all__ = [
     "METHODS", "SINGLE_RUN_METHODS", "STATE_FILE", "TrainConfig", "Run", "run_phase", "phase_seed",
     "dist_info", "is_main_process", "barrier", "resolve_device", "amp_dtype", "classifier_params", "evaluate",
-    "forward_flops", "preprocess_info", "write_metrics", "resume_point",
+    "forward_flops", "preprocess_info", "write_metrics", "resume_point", "make_sgd", "make_scaler",
     # phases and their kinds (engine/phases.py)
     "Phase", "PhaseKind", "PhaseState", "WarmStart", "PHASE_KINDS", "WARM_STARTS", "phase_flops", "phase_kind",
     "warm_start_op", "register_phase_kind", "register_warm_start",

@@ -51,10 +51,10 @@ from filtersurgery.ops import warmstart
 from filtersurgery.ops.reinit import rescale
 from filtersurgery.ops.sparsity import lam_for_budget, sparsify
 # names the old flat ``filtersurgery.train`` module carried (its imports), kept for its readers
-from filtersurgery.data.datasets import load_dataset, split_parts  # noqa: E402,F401
-from filtersurgery.models.factory import build_model  # noqa: E402,F401
-from filtersurgery.ops.ranking import RANKINGS  # noqa: E402,F401
-from filtersurgery.ops.sparsity import SparsityConfig  # noqa: E402,F401
+from filtersurgery.data.datasets import load_dataset, split_parts  # noqa: F401
+from filtersurgery.models.factory import build_model  # noqa: F401
+from filtersurgery.ops.ranking import RANKINGS  # noqa: F401
+from filtersurgery.ops.sparsity import SparsityConfig  # noqa: F401
 
 
 # --------------------------------------------------------------------------- phase kinds
