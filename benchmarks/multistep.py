@@ -50,6 +50,10 @@ VARIANTS = {
 # the --cpu-medium testbed's comparison
 MEDIUM = ["finetune(1e-3)", "finetune(1e-2)", "framework", "joint", "finetune(1e-2) equal FLOPs"]
 MEDIUM_SUBSET, MEDIUM_EPOCHS, MEDIUM_STEP1_EPOCHS = 9000, 4, 8
+# the paper's regime (--cpu-paper): ~112 training images per class per part, a network that over-fits a part
+PAPER = ["finetune(1e-3)", "finetune(1e-2)", "finetune(1e-2) equal FLOPs", "joint", "shrink-perturb", "dash",
+         "framework", "framework 1 student"]
+PAPER_SUBSET, PAPER_EPOCHS, PAPER_STEP1_EPOCHS = 1125, 15, 150
 # the seed-0 screening of the framework's components (validation) ran with one "auto" margin, 3,
 # for every SST phase, before the MSL margin was raised to 6: the screening variants keep that setting
 _SCREEN = dict(method="framework", lr=1e-2, lam_safety_msl=3.0)
@@ -81,9 +85,16 @@ ABLATIONS = {
     "framework lr=1e-2 AOD only flip=random": dict(_SCREEN, students=1, dri=False, sst=False, aod_flip="random"),
     # no SP_r ramp (E_cut = 0): only the Target_r smallest factors are pushed, from SST's first epoch
     "framework e_cut=0": dict(method="framework", e_cut_fraction=0.0),
-    # the paper's recipe as the library ran it before scale-aware ranking (global |gamma|, lam 1e-4,
-    # attention transfer on every block, AOD at lr 1e-3)
-    "framework paper recipe": dict(method="framework", ranking="global", lam=1e-4, at_min_size=1, lr=1e-3),
+    # the paper's recipe (TrainConfig(recipe="paper"): global |gamma|, subgradient lam 1e-4 with the SP_r ramp,
+    # stale BN statistics, attention transfer on every block, AOD at lr 1e-3)
+    "framework paper recipe": dict(method="framework", recipe="paper"),
+    # the do-no-harm defaults switched back one at a time (docs/method.md, "Do no harm")
+    "framework subgradient": dict(method="framework", sst_update="subgradient"),
+    "framework stale BN": dict(method="framework", refresh_bn=False),
+    # the paper's components taken out one at a time (the defaults otherwise)
+    "framework no-SST": dict(method="framework", sst=False),
+    "framework 1 student no-Dri": dict(method="framework", students=1, dri=False),
+    "framework AOD only": dict(method="framework", students=1, dri=False, sst=False),
     # warm-start baselines: the grid their defaults were chosen from (validation, seed 0)
     "shrink-perturb(0.4,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.4, sp_noise=0.1),
     "shrink-perturb(0.8,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.8, sp_noise=0.1),
@@ -167,13 +178,22 @@ def run_parallel(argv, args, variants) -> None:
         return r.returncode
 
     names = list(variants)
-    with ThreadPoolExecutor(args.jobs) as ex:  # step 1 per seed first (shared by every method)
-        list(ex.map(lambda s: job(s, names[:1]), args.seeds))
+    # longest first (framework-like and equal-FLOPs runs cost ~5x a fine-tuning): shortest makespan
+    cost = lambda n: 3 if "framework" in n or "FLOPs" in n else 2 if "joint" in n or " 3x" in n else 1  # noqa: E731
+    rest_names = sorted(names[1:], key=lambda n: -cost(n))
+    codes, futures = [], []
     with ThreadPoolExecutor(args.jobs) as ex:
-        # longest first (framework-like and equal-FLOPs runs cost ~5x a fine-tuning): shortest makespan
-        cost = lambda n: 3 if "framework" in n or "FLOPs" in n else 2 if "joint" in n or " 3x" in n else 1  # noqa: E731
-        pairs = sorted([(s, [n]) for s in args.seeds for n in names[1:]], key=lambda sn: -cost(sn[1][0]))
-        codes = list(ex.map(lambda sn: job(*sn), pairs))
+        def seed_chain(s):
+            """Step 1 of seed ``s`` (shared by every method) with its first method, then queue its other methods:
+            the next seed's step 1, queued earlier, starts on the first free worker."""
+            codes.append(job(s, names[:1]))
+            futures.extend(ex.submit(job, s, [n]) for n in rest_names)
+
+        for f in [ex.submit(seed_chain, s) for s in args.seeds]:
+            f.result()
+        while any(not f.done() for f in list(futures)):
+            time.sleep(1)
+        codes.extend(f.result() for f in futures)
     if any(codes):
         print(f"{sum(1 for c in codes if c)} jobs failed", flush=True)
 
@@ -196,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-medium", action="store_true",
                    help="the CPU testbed: cifar:resnet8, %d training images per part, %d epochs per phase (step 1: %d), "
                         "batch 64, 2 processes" % (MEDIUM_SUBSET, MEDIUM_EPOCHS, MEDIUM_STEP1_EPOCHS))
+    p.add_argument("--cpu-paper", action="store_true",
+                   help="the paper's regime on the CPU: cifar:resnet8, %d training + %d validation images per part "
+                        "(~112 per class), step 1 %d epochs (it fits Data1 completely), %d epochs per phase, batch 64, "
+                        "2 processes" % (PAPER_SUBSET, PAPER_SUBSET // 9, PAPER_STEP1_EPOCHS, PAPER_EPOCHS))
     p.add_argument("--report", action="store_true", help="only print the table of finished runs")
     p.add_argument("--no-report", dest="table", action="store_false",
                    help="train only: no table, plot or table.md (for many processes writing into one --out)")
@@ -222,9 +246,17 @@ def main(argv=None) -> int:
         args.step1_epochs = args.step1_epochs or MEDIUM_STEP1_EPOCHS
         args.device = "cpu" if args.device == "auto" else args.device
         args.jobs = args.jobs or 2
+    if args.cpu_paper:
+        # docs/trainer.md, "The paper's regime": step 1 over-fits Data1, every phase sees ~112 images per class
+        args.model, args.epochs, args.subset, args.batch_size = "cifar:resnet8", PAPER_EPOCHS, PAPER_SUBSET, 64
+        args.step1_epochs = args.step1_epochs or PAPER_STEP1_EPOCHS
+        args.device = "cpu" if args.device == "auto" else args.device
+        args.jobs = args.jobs or 2
     default = {k: v for k, v in VARIANTS.items() if not (args.cpu_small and k == "joint 3x epochs")}
     if args.cpu_medium:
         default = {k: VARIANTS[k] for k in MEDIUM}
+    if args.cpu_paper:
+        default = {k: dict(VARIANTS, **ABLATIONS)[k] for k in PAPER}
     variants = dict(default, **(ABLATIONS if args.ablation else {}))
     if args.methods:
         known = dict(VARIANTS, **ABLATIONS)
@@ -261,22 +293,52 @@ def main(argv=None) -> int:
 
     if not args.table or args.step1_only:
         return 0
-    results, val, cost = {}, {}, {}
+    report(args, variants, out)
+    return 0
+
+
+def collect(out: Path, variants, seeds):
+    """``{method: {step: [metrics.json entry per seed]}}`` of the finished runs under ``out``."""
+    found = {}
     for name in variants:
         rows = {}
-        for seed in args.seeds:
+        for seed in seeds:
             mp = out / slug(name) / f"seed{seed}" / "metrics.json"
-            if not mp.exists():
+            if mp.exists():
+                for e in json.loads(mp.read_text())["steps"]:
+                    rows.setdefault(e["step"], []).append(e)
+        if rows:
+            found[name] = rows
+    return found
+
+
+def harm_table(found) -> str:
+    """Do no harm, per method with an SST phase and step (mean over seeds): validation accuracy of the model
+    SST received, SST's lowest and last epoch, its fraction of factors at zero, and the step's in -> out."""
+    lines = ["| method | step | SST in | SST min | SST end | zero frac | step in -> out | worse |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in found.items():
+        for k, v in sorted(rows.items()):
+            ssts = [p for e in v for p in e.get("phase_vals") or [] if p["phase"] == "sst"]
+            if not ssts:
                 continue
-            for e in json.loads(mp.read_text())["steps"]:
-                rows.setdefault(e["step"], []).append(e)
-        if not rows:
-            continue
-        results[name], val[name] = summary_rows(rows, "test_acc"), summary_rows(rows, "val_acc")
-        cost[name] = {k: (statistics.fmean(e["seconds"] for e in v), statistics.fmean(e.get("train_flops", 0) for e in v))
-                      for k, v in rows.items()}
-    label = ("CPU testbed (--cpu-medium)" if args.cpu_medium else
-             "CPU-sized smoke configuration" if args.cpu_small else "full size")
+            m = {key: statistics.fmean(p[key] for p in ssts) for key in ("val_in", "val_min", "val_end", "zero_frac")}
+            io = f"{statistics.fmean(e['val_in'] for e in v):.2f} -> {statistics.fmean(e['val_acc'] for e in v):.2f}"
+            lines.append(f"| {name} | {k} | {m['val_in']:.2f} | {m['val_min']:.2f} | {m['val_end']:.2f} | "
+                         f"{m['zero_frac']:.3f} | {io} | {sum(bool(e.get('worse')) for e in v)}/{len(v)} |")
+    return "\n".join(lines)
+
+
+def report(args, variants, out: Path) -> None:
+    """Print the tables of the finished runs (test, validation, training accuracy, cost, do no harm)."""
+    found = collect(out, variants, args.seeds)
+    results = {n: summary_rows(r, "test_acc") for n, r in found.items()}
+    val = {n: summary_rows(r, "val_acc") for n, r in found.items()}
+    train = {n: summary_rows({k: v for k, v in r.items() if all("train_acc" in e for e in v)}, "train_acc")
+             for n, r in found.items()}
+    cost = {n: {k: (statistics.fmean(e["seconds"] for e in v), statistics.fmean(e.get("train_flops", 0) for e in v))
+                for k, v in r.items()} for n, r in found.items()}
+    label = ("CPU testbed (--cpu-medium)" if args.cpu_medium else "the paper's regime on the CPU (--cpu-paper)"
+             if args.cpu_paper else "CPU-sized smoke configuration" if args.cpu_small else "full size")
     print(f"\n## {args.split}-step, {args.model}, {args.data}, {args.epochs} epochs/phase, {args.subset or 'all'} "
           f"training images per part, batch {args.batch_size}, seeds {args.seeds} ({label})\n")
     print("Test accuracy (%), mean ± std over seeds:\n")
@@ -284,6 +346,9 @@ def main(argv=None) -> int:
     print("\nValidation accuracy (%) on the held-out 10% of the current part (joint: of all parts so far); "
           "every choice is made on these:\n")
     print(markdown_table(val))
+    if any(train.values()):
+        print("\nTraining accuracy (%) of each step's output on that step's own training images (not augmented):\n")
+        print(markdown_table({n: r for n, r in train.items() if r}))
     print("\nCost per step: wall-clock seconds / training TFLOPs (step 1 is shared and trained once per seed):\n")
     steps_all = sorted({k for c in cost.values() for k in c})
     print("| method | " + " | ".join(f"step {s}" for s in steps_all) + " |")
@@ -292,11 +357,14 @@ def main(argv=None) -> int:
         cells = [f"{c[s][0]:.0f}s / {c[s][1] / 1e12:.2f}" if s in c else "" for s in steps_all]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(summary_table(results, val, cost))
+    harm = harm_table(found)
+    if harm.count("\n") > 1:
+        print("\nDo no harm (validation %, mean over seeds; SST's incoming model is step k-1's output):\n")
+        print(harm)
     if results:
         png = accuracy_per_step(results, out / "accuracy.png")
         (out / "table.md").write_text(markdown_table(results) + "\n")
         print(f"\nplot: {png}")
-    return 0
 
 
 if __name__ == "__main__":

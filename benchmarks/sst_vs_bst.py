@@ -90,7 +90,7 @@ def pretrain(model, loader, epochs, device):
 
 def summary(model, sm, target_r, pre_mean, pre_median, val, test) -> dict:
     g = sm.factors.gammas().abs()
-    mean = remaining_mean(sm, target_r)
+    mean = remaining_mean(sm, target_r, ranking="global")  # Fig. 3 is in the paper's |gamma| units
     return {
         "remaining_mean": mean,
         "ratio_to_pre": mean / pre_mean,
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     pretrain(model, DeviceLoader(x1, y1, cfg["batch_size"], seed=args.seed * 1000), cfg["pre_epochs"], device)
     t_pre = time.perf_counter() - t
     sm_pre = trace(model, x1[:1])
-    pre_mean = remaining_mean(sm_pre, args.target_r)
+    pre_mean = remaining_mean(sm_pre, args.target_r, ranking="global")
     pre_median = float(sm_pre.factors.gammas().abs().median())
     rows = {"pre-trained": summary(model, sm_pre, args.target_r, pre_mean, pre_median, val, test) | {"seconds": t_pre}}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             name = f"{kind} lam={lam:.3g}"
             net = copy.deepcopy(model)
             t = time.perf_counter()
-            sp = sparsify(net, target_r=args.target_r, epochs=cfg["epochs"], lam=lam, selective=selective,
+            sp = sparsify(net, target_r=args.target_r, epochs=cfg["epochs"], lam=lam, selective=selective, ranking="global",
                           loader=DeviceLoader(x1, y1, cfg["batch_size"], seed=args.seed * 1000 + 1), device=device)
             secs = time.perf_counter() - t
             rows[name] = summary(net, sp.scaling_map, args.target_r, pre_mean, pre_median, val, test) | {

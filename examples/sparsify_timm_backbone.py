@@ -8,10 +8,12 @@ calls into filtersurgery:
    ``sp.set_epoch(e)`` at the start of each epoch sets SP_r (eq. 2-3) and re-selects the
    target factors, ``sp.step()`` between ``loss.backward()`` and ``opt.step()`` adds
    ``lam * sign(gamma)`` to the gradients of the targets only (eq. 1);
-2. ``sp.useless()``: the ``target_r`` fraction of factors with the smallest |gamma| after
-   SST, i.e. the filters that can be given to new data;
+2. ``sp.useless()``: the ``target_r`` fraction of factors with the smallest score after SST
+   (|gamma| over the mean |gamma| of its own norm: timm's norms do not share one scale),
+   i.e. the filters that can be given to new data;
 3. ``filtersurgery.rescale(model, target_r=0.3, I=0.1)``: Dri (eq. 4) gives each useless
-   factor a gamma drawn from the allowed rank range ``(target_r + I, 1 - I)``.
+   factor a score drawn from the allowed rank range ``(target_r + I, 1 - I)``, mapped back
+   to its own norm's scale.
 
 Usage (Fashion-MNIST; the embedded 6000-image subset is used when the full set is absent):
 
@@ -131,17 +133,18 @@ def main():
 
     # 3. the useless factors and the conv filters they scale
     useless = sp.useless()
-    rk = filtersurgery.rank_filters(model)
+    rk = filtersurgery.rank_filters(model, scales=sp.scales)  # ranked in the units SST used
     print(f"useless factors: {int(useless.sum())} of {sp.n} (mean |gamma| {rk.abs_gamma[: int(useless.sum())].mean():.4f}; "
-          f"remaining mean {filtersurgery.remaining_mean(model, args.target_r):.4f})")
+          f"remaining mean {filtersurgery.remaining_mean(model, args.target_r):.4f})")  # |gamma|
     for j in range(3):
         print(f"  rank {j}: {rk.location(j)} |gamma| {rk.abs_gamma[j]:.2e} scales {rk.filters(j)[:3]}")
 
     # 4. Dri: new, in-range gammas for the useless factors (the model is then trained on new data)
-    rep = filtersurgery.rescale(model, target_r=args.target_r, I=0.1, generator=torch.Generator().manual_seed(0))
+    rep = filtersurgery.rescale(model, target_r=args.target_r, I=0.1, generator=torch.Generator().manual_seed(0),
+                                 scales=sp.scales)
     acc_dri = evaluate(model, test_loader, args.device)
     print(f"Dri (I=0.1): {len(rep)} gammas re-drawn from the rank range "
-          f"({args.target_r + 0.1:.1f}, 0.9) = |gamma| in [{rep.range[0]:.3f}, {rep.range[1]:.3f}]")
+          f"({args.target_r + 0.1:.1f}, 0.9) = scores in [{rep.range[0]:.3f}, {rep.range[1]:.3f}] x their norm's mean")
     print(f"test accuracy: plain {acc_pre:.2f}%  after SST {acc_sst:.2f}%  after Dri {acc_dri:.2f}% "
           f"(Dri disturbs the old data's features; training on new data follows)")
 

@@ -18,6 +18,8 @@ from filtersurgery import train
 from filtersurgery.engine import checkpoint
 from filtersurgery.data.datasets import load_demo
 
+pytestmark = pytest.mark.slow  # end-to-end: torchrun-style processes, SIGKILL and resume
+
 TINY = dict(model="cifar:resnet20", data="demo", steps=2, epochs=1, subset=64, batch_size=16, max_batches=2,
             device="cpu", progress=False)
 

@@ -286,6 +286,7 @@ def test_inspect_input_size_errors_name_the_flag(capsys):
     assert "example_inputs" not in err
 
 
+@pytest.mark.slow  # end-to-end
 def test_demo_trains_step1_once_prints_steps_as_they_finish_and_a_verdict(tmp_path, capsys):
     from filtersurgery.cli.main import main as cli_main
 

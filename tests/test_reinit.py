@@ -31,7 +31,7 @@ def net(n_norms=4, width=25, seed=0):
 
 def test_rank_filters_is_global_ascending_abs():
     m, sm = net()
-    rk = rank_filters(sm)
+    rk = rank_filters(sm, ranking="global")
     g = sm.factors.gammas().abs()
     assert len(rk) == 100
     assert torch.equal(rk.abs_gamma, g[rk.order])
@@ -47,7 +47,7 @@ def test_dri_values_within_allowed_rank_range(I):
     g0 = sm.factors.gammas().clone()
     betas0 = torch.cat([m[f"b{i}"].bias.detach().clone() for i in range(4)])
     srt = g0.abs().sort().values
-    rep = rescale(sm, target_r=0.3, I=I, generator=torch.Generator().manual_seed(1))
+    rep = rescale(sm, target_r=0.3, I=I, generator=torch.Generator().manual_seed(1), ranking="global")
     # eq. (4): rank quantile (j + 1/2)/n in (0.3 + I, 1 - I)
     pool = srt[[j for j in range(100) if 0.3 + I < (j + 0.5) / 100 < 1 - I]]
     assert rep.pool_size == pool.numel() and rep.range == (float(pool[0]), float(pool[-1]))

@@ -271,9 +271,10 @@ def test_sparsifier_follows_model_cast_after_construction():
 
 # ------------------------------------------------------------------ mixed precision
 def _expected_delta(sp):
-    """``lam * sign(gamma)`` on the targets, 0 elsewhere, per norm weight."""
+    """``lam * scale * sign(gamma)`` on the targets, 0 elsewhere, per norm weight (scale: the factor's
+    norm scale in the default per-norm units)."""
     fv = sp.factors
-    masks = fv.masks_from_flat(sp.targets.to(torch.float32))
+    masks = fv.masks_from_flat(sp.targets.to(torch.float32) * sp.scales.float())
     return [sp.config.lam * torch.sign(p.detach().float()) * m for p, m in zip(fv.params, masks)]
 
 
@@ -340,14 +341,18 @@ def test_trainer_sst_phase_amp_and_channels_last(demo, tmp_path, amp, channels_l
     seen = []
     conv = model.layer1[0].conv1
     h = conv.register_forward_hook(lambda m, a, o: seen.append(
-        (o.shape[0], o.dtype, o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())))
+        (o.shape[0], o.dtype, o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous(),
+         torch.is_grad_enabled())))
     before = state(model)
     try:
         out = train.run_phase(run, 2, train.Phase("sst", "sst", [0], 0.1, 1), model)
     finally:
         h.remove()
-    batches = [s for s in seen if s[0] == cfg.batch_size]  # training forwards (not the trace / validation)
+    # training forwards (not the trace, the validation or the BN statistics' re-estimate, which run without grad)
+    batches = [s for s in seen if s[0] == cfg.batch_size and s[3]]
     assert len(batches) == 2
+    refresh = [s for s in seen if s[0] == cfg.batch_size and not s[3]]
+    assert len(refresh) == 2 and all(s[2] == channels_last for s in refresh)  # 32 of the 40 images, batches of 16
     assert all(s[1] == (run.amp or torch.float32) for s in batches)  # autocast was on in training
     assert all(s[2] == channels_last for s in batches)  # activations stayed channels_last
     assert out.training and next(out.parameters()).dtype == torch.float32  # master weights stay fp32

@@ -115,7 +115,7 @@ def test_target_selection_is_smallest_sp_r_fraction():
 
 def test_early_switch():
     m, sm = toy()
-    sp = sparsify(sm, target_r=0.3, epochs=30)
+    sp = sparsify(sm, target_r=0.3, epochs=30, ranking="global")
     assert sp.zero_tol == pytest.approx(1e-2 * float(sm.factors.gammas().abs().median()))
     assert sp.set_epoch(1) == pytest.approx(0.93)
     saved = m.b1.weight.detach().clone()
@@ -130,7 +130,7 @@ def test_early_switch():
 def test_step_adds_subgradient_to_targets_only():
     m, sm = toy()
     lam = 1e-2
-    sp = sparsify(sm, target_r=0.3, epochs=30, lam=lam)
+    sp = sparsify(sm, target_r=0.3, epochs=30, lam=lam, ranking="global")
     sp.set_epoch(5)
     zero_grads(m)
     sp.step()

@@ -61,6 +61,7 @@ def data():
 
 
 
+@pytest.mark.slow  # end-to-end
 def test_sst_keeps_remaining_factors_bst_shrinks_them(data, tmp_path, one_thread):
     x, y = data
     model = small_cnn()
@@ -75,16 +76,16 @@ def test_sst_keeps_remaining_factors_bst_shrinks_them(data, tmp_path, one_thread
         sched.step()
 
     pre = trace(model)
-    pre_mean = remaining_mean(pre, TARGET_R)
+    pre_mean = remaining_mean(pre, TARGET_R, ranking="global")
     pre_median = float(pre.factors.gammas().abs().median())
-    lam = fs.lam_for_budget(model, TARGET_R, lr=0.1, steps=SST_EPOCHS * -(-N // BS), safety=LAM_SAFETY)
+    lam = fs.lam_for_budget(model, TARGET_R, lr=0.1, steps=SST_EPOCHS * -(-N // BS), safety=LAM_SAFETY, ranking="global")
     results = {}
     for name, selective in (("SST", True), ("BST", False)):
         net = copy.deepcopy(model)
-        sp = fs.sparsify(net, target_r=TARGET_R, epochs=SST_EPOCHS, lam=lam, selective=selective,
+        sp = fs.sparsify(net, target_r=TARGET_R, epochs=SST_EPOCHS, lam=lam, selective=selective, ranking="global",
                          loader=Shuffled(x, y, BS, seed=1))
         g = sp.factors.gammas().abs()
-        results[name] = {"net": net, "mean": remaining_mean(sp.scaling_map, TARGET_R),
+        results[name] = {"net": net, "mean": remaining_mean(sp.scaling_map, TARGET_R, ranking="global"),
                          "n_zero": int((g <= 0.05 * pre_median).sum()), "n": g.numel(), "sp": sp}
 
     sst, bst = results["SST"], results["BST"]

@@ -15,6 +15,8 @@ from filtersurgery.cli.main import main as cli_main
 from filtersurgery.data.datasets import load_dataset
 from filtersurgery.methods.multistep import METHODS, TrainConfig, multi_step
 
+pytestmark = pytest.mark.slow  # end-to-end: every method trained on real data
+
 TINY = dict(model="timm:resnet18", steps=3, epochs=1, subset=64, batch_size=32, max_batches=2, device="cpu",
             progress=False)
 

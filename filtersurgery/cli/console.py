@@ -257,6 +257,11 @@ def resume_line(seed: int, seed_dir, r: Resume, plan: Sequence[PlannedPhase]) ->
         if epochs is not None and e > epochs:  # the phase's epochs are all done: only its output is left
             return f"seed {seed}: resuming at step {r.state['step']} ({r.state['phase']}), after its last epoch{done}"
         return f"seed {seed}: resuming at step {r.state['step']} ({r.state['phase']}), epoch {e}{of}{done}"
+    pending = [k for k in sorted({p.step for p in plan}) if k not in r.done_steps]
+    if pending and all(r.epochs_done(p) >= p.epochs for p in plan if p.step == pending[0]):
+        # killed after the step's last phase, before its result was written (e.g. during the test evaluation)
+        return (f"seed {seed}: resuming at step {pending[0]}: its training is done, only its evaluation and "
+                f"checkpoint are left{done}")
     todo = [p for p in plan if r.epochs_done(p) < p.epochs]
     if todo:
         return f"seed {seed}: resuming at step {todo[0].step} ({todo[0].name}), epoch 1 of {todo[0].epochs}{done}"
@@ -313,6 +318,9 @@ def banner(cfg: TrainConfig, data: ImageData, args: argparse.Namespace, out: Pat
             steps.setdefault(p.step, []).append(p.name)
         sched = " | ".join("+".join(v) for v in steps.values())
         lines.append(f"  epochs   {cfg.epochs} per phase; {len(steps)} step(s): {sched}")
+        few = few_steps_line(plan)
+        if few:
+            lines.append(few)
     else:  # growth: one data set, the number of epochs per stage is decided while training
         n_train, n_val = _part_sizes(data.train_y, 1, cfg, args.seeds[0])[0]
         sub = f" (--subset {cfg.subset})" if cfg.subset else ""
@@ -322,6 +330,25 @@ def banner(cfg: TrainConfig, data: ImageData, args: argparse.Namespace, out: Pat
         lines.append(f"  epochs   at most {cfg.epochs} per stage (the growth rule decides)")
     lines.append(f"  output   {out}")
     return lines
+
+
+# fewer batches per epoch or optimizer steps per phase than this and a phase trains too little to mean much:
+# step 1 of the demo (cifar:resnet8, 1300 images, 6 epochs, seed 0) reaches 71.8% test accuracy with 20 batches
+# of 64 per epoch and 51.3% with 5 batches of 256 (the same images and epochs: 120 vs 30 optimizer steps)
+MIN_BATCHES_PER_EPOCH, MIN_STEPS_PER_PHASE = 10, 50
+
+
+def few_steps_line(plan: Sequence[PlannedPhase]) -> Optional[str]:
+    """``  warning  ...`` when a planned phase has fewer than :data:`MIN_BATCHES_PER_EPOCH` batches per epoch
+    or :data:`MIN_STEPS_PER_PHASE` optimizer steps in all (the first such phase is named); else None."""
+    short = [p for p in plan if p.batches < MIN_BATCHES_PER_EPOCH or p.batches * p.epochs < MIN_STEPS_PER_PHASE]
+    if not short:
+        return None
+    p = short[0]
+    return (f"  warning  step {p.step} {p.name} has {p.batches} batches per epoch, {p.batches * p.epochs} optimizer "
+            f"steps in all ({len(short)} of {len(plan)} phases are this short): too few to train much (fewer than "
+            f"{MIN_BATCHES_PER_EPOCH} per epoch or {MIN_STEPS_PER_PHASE} per phase); use more images (--subset), a "
+            f"smaller --batch-size or more --epochs")
 
 
 def estimate_line(plan: Sequence[PlannedPhase], sec_per_batch: float, cfg: TrainConfig, data: ImageData,

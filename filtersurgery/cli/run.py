@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -16,6 +17,7 @@ from typing import Dict, List, Optional
 
 from filtersurgery.cli.options import add_options, option_fields, options_from_args
 from filtersurgery.engine import registry
+from filtersurgery.engine.checkpoint import LOCK_FILE, run_lock
 from filtersurgery.engine.trainer import DATA_HELP, MODEL_HELP, SINGLE_RUN_METHODS, TrainConfig, lam_value  # noqa: F401 (the help texts: importable from here, as before)
 
 MODEL_DATA_FIELDS = ("model", "data", "data_root", "download", "image_size")
@@ -29,10 +31,7 @@ def lam_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def resume_keys() -> List[str]:
-    """The :class:`TrainConfig` settings that must match for a re-run to resume into an existing ``--out``
-    (the fields declared with ``option(..., resume=True)``)."""
-    return [f.name for f, meta in option_fields(TrainConfig) if meta["resume"]]
+from filtersurgery.engine.trainer import resume_keys  # noqa: E402 (the settings a resume must match)
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,7 +82,8 @@ def _earlier_config(path: Path, nested: bool) -> Optional[Dict]:
 
 def _has_earlier_work(seed_dir: Path) -> bool:
     """True when ``seed_dir`` holds anything an earlier run trained or wrote besides its settings file."""
-    return seed_dir.is_dir() and any(p.is_file() and p != seed_dir / RUN_SETTINGS for p in seed_dir.rglob("*"))
+    skip = {seed_dir / RUN_SETTINGS, seed_dir / LOCK_FILE}
+    return seed_dir.is_dir() and any(p.is_file() and p not in skip for p in seed_dir.rglob("*"))
 
 
 def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
@@ -211,10 +211,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     output folder) and a duration estimate first, then per seed where a re-run resumes;
     Ctrl-C prints one line saying where the state is (exit code 130).
     """
-    from filtersurgery.cli.console import interrupted_line
     from filtersurgery.data.datasets import check_classes, load_dataset
     from filtersurgery.models.factory import build_model
-    from filtersurgery.methods.multistep import barrier, is_main_process, multi_step
+    from filtersurgery.methods.multistep import is_main_process
 
     cfg = config_from_args(args)
     cfg.validate()
@@ -225,8 +224,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     for s in args.seeds:
         check_out_dir(out, cfg, s)
     data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, image_size=cfg.image_size))
-    for s in args.seeds if is_main_process() else []:  # after every check: a refused run writes nothing
-        claim_out_dir(out, cfg, s)
+    with contextlib.ExitStack() as locks:
+        for s in args.seeds if is_main_process() else []:  # after every check: a refused run writes nothing
+            locks.enter_context(run_lock(out / f"seed{s}"))  # a second run into the same folder: refused
+            claim_out_dir(out, cfg, s)
+        return _run_seeds(cfg, args, options, data, out)
+
+
+def _run_seeds(cfg: TrainConfig, args: argparse.Namespace, options, data, out: Path) -> int:
+    """Train every seed of ``cmd_run`` (banner first), print each step, then the summary."""
+    from filtersurgery.cli.console import interrupted_line
+    from filtersurgery.methods.multistep import barrier, is_main_process, multi_step
+
     seed = None
     try:
         resumes = _start(cfg, args, options, data, out) if is_main_process() else {}
@@ -241,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             for e in m["steps"] if is_main_process() else []:
                 earlier = r is not None and (r.complete or e["step"] in r.done_steps)
                 when = f"{e['seconds']:.0f}s, earlier run" if earlier else f"{e['seconds']:.0f}s"
-                print(f"seed {s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  ({when})")
+                print(f"seed {s} step {e['step']}: {step_text(e)}  ({when})")
     except KeyboardInterrupt:
         _close_progress_bars()
         if is_main_process():
@@ -255,6 +264,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"step {r['step']}: {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} (n={r['n']})")
     print(f"wrote {out}/summary.json, {out}/accuracy.png and per-seed checkpoints/metrics")
     return 0
+
+
+def step_text(e: Dict) -> str:
+    """``test T%  val V%`` of a step's ``metrics.json`` entry, with the validation accuracy of the model the
+    step received (``val IN% -> V%``) and a note when the step left the model worse."""
+    if e.get("val_in") is None:
+        return f"test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%"
+    worse = "  WORSE than the model it received" if e.get("worse") else ""
+    return f"test {e['test_acc']:.2f}%  val {e['val_in']:.2f}% -> {e['val_acc']:.2f}%{worse}"
 
 
 def _remove_empty_work(seed_dir: Path) -> None:
@@ -336,8 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             def show(e, name=name):
                 if e["step"] == 1:  # the shared step 1, printed above
                     return
-                print(f"{name:>18s} step {e['step']}: test {e['test_acc']:.2f}%  val {e['val_acc']:.2f}%  "
-                      f"({e['seconds']:.0f}s)", flush=True)
+                print(f"{name:>18s} step {e['step']}: {step_text(e)}  ({e['seconds']:.0f}s)", flush=True)
             m = multi_step(replace(base, **ov), out / _slug(name) / "seed0", seed=0, data=data,
                            step1_from=str(step1 / "step1.safetensors"), on_step=show)
             results[name] = [s1["steps"][0]] + [e for e in m["steps"] if e["step"] > 1]

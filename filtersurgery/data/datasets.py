@@ -379,7 +379,8 @@ def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
 
 def _scan_split(directory: str, classes: Optional[List[str]]) -> Tuple[List[str], List[int], List[str]]:
     found = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-    if classes is None:
+    training = classes is None  # the training split defines the classes: each needs images
+    if training:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -389,12 +390,16 @@ def _scan_split(directory: str, classes: Optional[List[str]]) -> Tuple[List[str]
         d = os.path.join(directory, c)
         if not os.path.isdir(d):
             continue
+        n = len(paths)
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames.sort()
             for fn in sorted(filenames):
                 if fn.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, fn))
                     labels.append(ci)
+        if training and len(paths) == n:
+            raise ValueError(f"data: class folder {d} holds no image ({', '.join(IMAGE_EXTENSIONS)}); a class without "
+                             f"training images cannot be learned: remove the folder or add its images")
     return paths, labels, classes
 
 

@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import secrets
+import shutil
 import zipfile
 import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional
@@ -98,17 +99,60 @@ def atomic_path(path: str) -> Iterator[str]:
     try:
         open(tmp, "xb").close()
     except OSError as e:  # denied, read-only file system, no space left
-        raise _os_error(e, f"cannot write to directory {directory}") from None
+        raise _disk_full(e, directory, path) or _os_error(e, f"cannot write to directory {directory}") from None
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        full = _disk_full(e, directory, path)
+        if full is not None:
+            raise full from None
         raise
     _fsync_dir(directory)
+
+
+# free bytes below which a failed write is taken for a full disk (writers that do not pass errno on, such
+# as torch.save's "[enforce fail at inline_container.cc] unexpected pos", say nothing clearer)
+_NEARLY_FULL = 16 * 2**20
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path) -> Iterator[None]:
+    """Turn a full disk met while writing ``path`` in place (an append, e.g. ``epochs.csv``) into a :class:`DiskFullError`."""
+    try:
+        yield
+    except OSError as e:
+        path = os.fspath(path)
+        full = _disk_full(e, os.path.dirname(os.path.abspath(path)), path)
+        if full is not None:
+            raise full from None
+        raise
+
+
+class DiskFullError(OSError):
+    """A write failed because the file system holding it is full (``errno`` ENOSPC); one line, naming the path."""
+
+
+def _disk_full(e: BaseException, directory: str, path: str) -> Optional[DiskFullError]:
+    """A :class:`DiskFullError` when the failed write ``e`` of ``path`` ran out of space in ``directory``, else None."""
+    if not isinstance(e, (OSError, RuntimeError)) or isinstance(e, DiskFullError):
+        return None
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    enospc = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not enospc and (free is None or free >= _NEARLY_FULL):
+        return None
+    left = f"{free} bytes free" if free is not None else "no space left"
+    err = DiskFullError(f"writing {path} failed: the disk is full ({left} in {directory}); the files written "
+                        f"before are intact: free some space and run the same command again to resume")
+    err.errno = errno.ENOSPC
+    return err
 
 
 def clean_temp_files(directory: str) -> List[str]:
@@ -159,6 +203,59 @@ def read_json(path: str) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupt JSON file {path}: {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- run folder lock
+
+LOCK_FILE = ".lock"
+_HELD: Dict[str, List[int]] = {}  # real path of a locked folder -> [fd, depth] (this process)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock (one line: the folder and the holder's process id)."""
+
+
+@contextlib.contextmanager
+def run_lock(folder) -> Iterator[None]:
+    """Hold an exclusive OS lock on run folder ``folder`` (``fcntl.flock`` on ``folder/.lock``, which
+    records the holder's process id) for the ``with`` block; re-entrant within one process.
+
+    A second process that asks for the same folder gets :class:`RunFolderBusy` at once, naming the
+    folder and the holder. The operating system releases the lock when the holder exits, however
+    it ends (a SIGKILLed run leaves no stale lock). Where ``fcntl`` is missing the folder is not locked.
+    """
+    make_dir(folder)
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = os.path.join(folder, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderBusy(f"out: {folder} is in use by another run (process {holder}); wait for it to end, "
+                            f"or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- weights

@@ -12,6 +12,7 @@ for every kind and calls the kind in this order::
     (seed)            the phase's global RNG seed and augmentation generator
     kind.set_up       teacher, frozen parameters, sparsifier, whatever the loss needs
     kind.batch_loss   per batch
+    kind.after_batches per epoch, after its batches, before validation
     kind.epoch_end    per epoch, after validation: log items, teacher updates
     kind.finish       rank 0, before the phase's output model is written
 
@@ -110,6 +111,9 @@ class PhaseKind:
         """The loss of one uint8 batch ``xb`` (labels ``yb``); ``nets`` are the students as
         trained (wrapped in DistributedDataParallel under torchrun); augmentations draw from ``gen``."""
         raise NotImplementedError(f"phase kind {self.name!r}: batch_loss() is not implemented")
+
+    def after_batches(self, run: "Run", phase: Phase, state: PhaseState, epoch: int) -> None:
+        """After every epoch's batches, before the models are validated (e.g. re-estimate BN statistics)."""
 
     def epoch_end(self, run: "Run", phase: Phase, state: PhaseState, epoch: int, vals: List[float],
                   row: Dict[str, Any]) -> None:

@@ -206,6 +206,12 @@ class _PlanNames(SequenceABC):
 MULTI_STEP_METHODS = _PlanNames()
 
 
+def resume_fields(cls) -> List[str]:
+    """The fields of the options dataclass ``cls`` declared with ``option(..., resume=True)``, in field order:
+    the settings that must match for a re-run to resume into an existing run folder."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get(OPTION_KEY, {}).get("resume")]
+
+
 def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: Union[str, Callable[[], str]] = "",
            choices: Optional[Sequence] = None, metavar: Optional[str] = None, aliases: Sequence[str] = (),
            type: Optional[Callable] = None, dest: Optional[str] = None, resume: bool = False) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 
 from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.ops import sparsity as _op
-from filtersurgery.ops.ranking import ModelOrMap, as_scaling_map
+from filtersurgery.ops.ranking import DEFAULT_RANKING, ModelOrMap, as_scaling_map
 from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, e_cut_of, lam_for_budget, sp_ratio  # noqa: F401
 from filtersurgery.tracing.probe import device_dtype, preserve_mode
 
@@ -79,7 +79,8 @@ def sparsify(
     optimizer: Optional[torch.optim.Optimizer] = None,
     loss_fn: Optional[Callable] = None,
     device=None,
-    ranking: str = "global",
+    ranking: str = DEFAULT_RANKING,
+    update: str = "subgradient",
 ) -> Sparsifier:
     """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md).
 
@@ -101,14 +102,18 @@ def sparsify(
             1e-2 * median score at the start.
         loader, optimizer, loss_fn, device: with a ``loader`` of ``(x, y)`` batches the SST
             training loop runs here (:func:`train_sparse`) and the trained Sparsifier is returned.
-        ranking: ``"global"`` (the paper: |gamma| across all norms) or ``"per-norm"`` (|gamma|
-            over the mean |gamma| of its own norm at the start; the L1 push on a factor is
-            ``lam`` times that scale).
+        ranking: ``"per-norm"`` (default: |gamma| over the mean |gamma| of its own norm at the
+            start; the L1 push on a factor is ``lam`` times that scale) or ``"global"`` (the
+            paper: |gamma| across all norms, for models whose norms share one scale).
+        update: ``"subgradient"`` (default, the paper: ``lam * sign(gamma)`` added to the
+            targets' gradients in :meth:`Sparsifier.step`) or ``"proximal"`` (``step()`` shrinks
+            each target's |gamma| by ``lam`` times its norm scale, stopping at exactly 0, and
+            drops the gradient of the targets at 0; ``lam`` is then a per-step amount in score units).
 
     Returns:
         a :class:`Sparsifier` (already at epoch 0; after ``epochs`` of training with a ``loader``).
     """
-    sp = _op.sparsify(model, target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking=ranking)
+    sp = _op.sparsify(model, target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking=ranking, update=update)
     if loader is not None:
         if epochs is None:
             raise ValueError("epochs: required (an integer >= 1) when a loader is given")

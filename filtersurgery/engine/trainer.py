@@ -19,7 +19,8 @@ import math
 import os
 import time
 import zlib
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,11 +36,11 @@ from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, Phase, PhaseK
                                          phase_flops, phase_kind, register_phase_kind, register_warm_start,
                                          warm_start_op)
 from filtersurgery.engine.registry import MULTI_STEP_METHODS, SINGLE_RUN_METHODS  # read-only views, filled by methods/ at import
-from filtersurgery.engine.registry import option
-from filtersurgery.models.factory import build_model
+from filtersurgery.engine.registry import option, plan_for, resume_fields
+from filtersurgery.models.user import ModelSpec, Logits, check_model_spec, fresh_copy, logits_of, make_model, model_id
 # TrainConfig.validate checks option values with the operations' own checks (ranking names, SST's e_cut_fraction)
-from filtersurgery.ops.ranking import RANKINGS, check_ranking
-from filtersurgery.ops.sparsity import SparsityConfig
+from filtersurgery.ops.ranking import DEFAULT_RANKING, RANKINGS, check_ranking
+from filtersurgery.ops.sparsity import UPDATES, SparsityConfig
 from filtersurgery.tracing.probe import eval_mode, example_input
 
 # the multi-step methods: a live view of the plans registered by methods/multistep.py (in this order:
@@ -54,6 +55,11 @@ MODEL_HELP = ("timm:NAME, torchvision:NAME, cifar:resnetDEPTH (CIFAR-style ResNe
               "cifar:resnet20) or a bare timm NAME; random weights")
 DATA_HELP = "fashion-mnist | cifar100 | imagefolder:PATH (PATH/train/CLASS/*, PATH/val/CLASS/*) | demo"
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+RECIPES = ("library", "paper")
+# the multistep paper's recipe (TrainConfig(recipe="paper"), --recipe paper): where the library's defaults depart
+# from it (docs/method.md, "Where this library departs from the papers")
+PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "refresh_bn": False,
+                "e_cut_fraction": 1.0 / 3.0, "at_min_size": 1, "lr": 1e-3}
 DASH_GRANULARITIES = ("kernel", "filter")
 
 
@@ -91,7 +97,9 @@ class TrainConfig:
     marks the settings that must match for a re-run to resume into an existing run folder.
     """
 
-    model: str = option("timm:resnet18", flag="--model", help=f"{MODEL_HELP} (default %(default)s)", resume=True)
+    # a name, or (Python API) an nn.Module or a zero-argument function returning one (models/user.py)
+    model: ModelSpec = option("timm:resnet18", flag="--model", help=f"{MODEL_HELP} (default %(default)s)", type=str,
+                              resume=True)
     data: str = option("fashion-mnist", flag="--data", help=f"{DATA_HELP} (default %(default)s)", resume=True)
     data_root: Optional[str] = option(None, flag="--data-root",
                                       help="folder holding the dataset files (docs/data.md: search order)")
@@ -102,6 +110,12 @@ class TrainConfig:
     steps: int = option(4, flag="--steps", resume=True,
                         help="number of steps/data parts (default 4 multi, 2 single)")
     method: str = option("framework", flag="--method", help=_method_help, resume=True)
+    # "paper": the settings left at their library default take the multistep paper's (PAPER_RECIPE)
+    recipe: str = option("library", flag="--recipe", choices=RECIPES, resume=True,
+                         help="library: the defaults (docs/method.md); paper: the multistep paper's exact recipe "
+                              "for every setting left at its default (global ranking, subgradient L1 of 1e-4 with "
+                              "the SP_r ramp, stale BN statistics, AT on every block, AOD at lr 1e-3) "
+                              "(default %(default)s)")
     epochs: int = option(30, flag="--epochs", help="epochs per phase (default %(default)s)",  # SST and AOD each
                          resume=True)
     step1_epochs: Optional[int] = option(None, flag="--step1-epochs", resume=True,  # None: ``epochs``
@@ -138,19 +152,30 @@ class TrainConfig:
         help="dash: one shrink factor per kernel (the authors' code) or per filter (default %(default)s)")
     # SST / Dri / AOD / MSL
     target_r: float = option(0.3, flag="--target-r", help="Target_r of SST (default %(default)s)", resume=True)
-    ranking: str = option(  # how factors of different norms compare
-        "per-norm", flag="--ranking", choices=RANKINGS, resume=True,
+    ranking: str = option(  # how factors of different norms compare (the operations' default too)
+        DEFAULT_RANKING, flag="--ranking", choices=RANKINGS, resume=True,
         help="how scaling factors of different norms are compared: global |gamma| (the paper) or "
              "|gamma| over its own norm's mean (default %(default)s)")
     lam: Union[float, str] = option(  # L1 strength, or "auto": sparsity.lam_for_budget over the SST schedule
         "auto", flag="--lam", type=lam_value, resume=True,
         help="L1 strength of SST in ranking units, or 'auto': large enough to reach target_r zeros "
              "in the SST schedule (default %(default)s)")
-    lam_safety: float = option(  # the "auto" rule's margin for SST with CE (chosen on the testbed: docs/method.md)
-        3.0, flag="--lam-safety", resume=True, help="margin of --lam auto for SST with cross-entropy (default %(default)s)")
-    lam_safety_msl: float = option(  # ... and for SST under MSL (the teacher's KL pulls back harder)
-        6.0, flag="--lam-safety-msl", resume=True,
-        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default %(default)s)")
+    sst_update: str = option(  # how SST's L1 acts (ops.sparsity.UPDATES); docs/method.md, "Do no harm"
+        "proximal", flag="--sst-update", choices=UPDATES, resume=True,
+        help="how SST's L1 acts on its targets: proximal (each step shrinks a target's |gamma| by lam, stopping at 0) "
+             "or subgradient (the paper: lam * sign(gamma) added to the gradient) (default %(default)s)")
+    lam_safety: Optional[float] = option(  # the "auto" rule's margin for SST with CE (docs/method.md §1)
+        None, flag="--lam-safety", resume=True,
+        help="margin of --lam auto for SST with cross-entropy (default 1.5 proximal: the largest final target "
+             "reaches 0 after two thirds of SST; 3 subgradient)")
+    lam_safety_msl: Optional[float] = option(  # ... and for SST under MSL (the teacher's KL pulls back harder)
+        None, flag="--lam-safety-msl", resume=True,
+        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default 1.5 proximal, 6 subgradient)")
+    refresh_bn: bool = option(  # re-estimate BN running statistics after every SST epoch (ops/normstats.py)
+        True, flag="--no-refresh-bn", dest="refresh_bn", resume=True,
+        help="ablation: keep the BatchNorm running statistics SST's moving factors leave behind (stale), instead "
+             "of re-estimating them from the phase's training images after every SST epoch")
+    refresh_bn_batches: int = 50  # at most this many training batches for the re-estimate
     e_cut_fraction: float = option(
         1.0 / 3.0, flag="--e-cut-fraction", resume=True,
         help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
@@ -194,6 +219,13 @@ class TrainConfig:
     # epochs.csv rows of unsaved epochs are held back with it, so a kill never duplicates a row
     state_every: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.recipe == "paper":  # the paper's value for every setting still at the library's default
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, value in PAPER_RECIPE.items():
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
+
     def validate(self) -> None:
         """One-line ValueError naming the bad field and its allowed range (the first bad field, in field order)."""
         for check in (self._check_method, self._check_counts, self._check_sst_dri, self._check_data,
@@ -201,8 +233,17 @@ class TrainConfig:
                       self._check_runtime, self._check_lrs):
             check()
 
+    def record(self) -> Dict[str, Any]:
+        """The settings as a JSON-ready dict (``metrics.json``'s ``config``): a user model is recorded as
+        ``user:CLASS:FINGERPRINT`` (:func:`~filtersurgery.models.user.model_id`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return {"model": model_id(self.model), **copy.deepcopy(out)}
+
     def _check_method(self) -> None:
-        """``method`` (multi-step or registered single-run), ``split`` and ``steps``."""
+        """``model``, ``method`` (multi-step or registered single-run), ``split`` and ``steps``."""
+        check_model_spec(self.model)
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe: must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.method not in METHODS and self.method not in SINGLE_RUN_METHODS:
             allowed = ", ".join(METHODS + tuple(SINGLE_RUN_METHODS))
             raise ValueError(f"method: must be one of {allowed}, got {self.method!r}")
@@ -270,8 +311,12 @@ class TrainConfig:
         """``lam_safety*``, ``e_cut_fraction`` (SST's own check), ``aod_flip``, ``ranking``, ``at_min_size``."""
         for name in ("lam_safety", "lam_safety_msl"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name}: must be a finite number > 0, got {v}")
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: must be None or a finite number > 0, got {v}")
+        if self.sst_update not in UPDATES:
+            raise ValueError(f"sst_update: must be one of {', '.join(UPDATES)}, got {self.sst_update!r}")
+        if not (isinstance(self.refresh_bn_batches, int) and self.refresh_bn_batches >= 1):
+            raise ValueError(f"refresh_bn_batches: must be an integer >= 1, got {self.refresh_bn_batches!r}")
         SparsityConfig(e_cut_fraction=self.e_cut_fraction).validate()  # SST's own check, before step 1 trains
         if self.aod_flip not in augment.AOD_FLIPS:
             raise ValueError(f"aod_flip: must be one of {', '.join(augment.AOD_FLIPS)}, got {self.aod_flip!r}")
@@ -298,6 +343,14 @@ class TrainConfig:
             if v is not None and not v > 0:
                 raise ValueError(f"{name}: must be > 0, got {v}")
 
+    def sst_safety(self, msl: bool) -> float:
+        """The margin of ``lam="auto"`` for SST with CE (``msl=False``) or under MSL: ``lam_safety`` /
+        ``lam_safety_msl`` when set, else the update's default (proximal 1.5 and 1.5; subgradient 3 and 6)."""
+        v = self.lam_safety_msl if msl else self.lam_safety
+        if v is not None:
+            return float(v)
+        return 1.5 if self.sst_update == "proximal" else (6.0 if msl else 3.0)
+
     @property
     def new_lr(self) -> float:
         """The learning rate of sharing branches and class fine-tuning (``lr``, default 1e-3)."""
@@ -310,6 +363,12 @@ class TrainConfig:
         The paper's 1e-3 barely moves a trained model in a short step; 1e-2 was chosen on the
         CPU testbed's validation split (docs/method.md, "Where this library departs")."""
         return 1e-2 if self.lr is None else self.lr
+
+
+def resume_keys() -> List[str]:
+    """The :class:`TrainConfig` settings that must match for a re-run to resume into an existing run folder
+    (the fields declared with ``option(..., resume=True)``; ``model`` compares names or user-model ids)."""
+    return resume_fields(TrainConfig)
 
 
 # --------------------------------------------------------------------------- utils
@@ -403,13 +462,35 @@ class Run:
         parts = cfg.steps if cfg.split == "multi" else 2
         self.parts = split_parts(self.data.train_y, parts, seed=seed, val_fraction=cfg.val_fraction, subset=cfg.subset)
         self.work = self.out / ".work"
+        self._wrap, self.model_id = self._check_model()
 
     # -- models
-    def new_model(self, seed_offset: int = 0) -> nn.Module:
-        """A freshly initialized ``cfg.model`` on the run's device (seeded by the run's seed)."""
+    def _check_model(self) -> Tuple[bool, str]:
+        """Build ``cfg.model`` once and run it on one image of the data (before anything is written): its
+        output must be (or hold) one logit per class. Returns whether its output needs :class:`Logits`
+        and what the run folder records of the model."""
+        torch.manual_seed(self.seed)
+        model = make_model(self.cfg.model, self.data.num_classes, self.data.in_chans)
+        x = self.part_xy([0], "train")[0][:2].float() / 255.0
+        try:
+            with eval_mode(model), torch.no_grad():
+                out = model(x)
+        except Exception as e:  # noqa: BLE001 - a user model's forward can raise anything; say which input
+            raise ValueError(f"model: fails on the data's {'x'.join(map(str, x.shape[1:]))} images: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        logits = logits_of(out)
+        if logits.ndim != 2 or logits.shape[1] != self.data.num_classes:
+            raise ValueError(f"model: outputs shape {tuple(logits.shape)} on a batch of 2, the data has "
+                             f"{self.data.num_classes} classes (expected (2, {self.data.num_classes}))")
+        return not isinstance(out, torch.Tensor), model_id(self.cfg.model, model)
+
+    def new_model(self, seed_offset: int = 0, fresh: bool = False) -> nn.Module:
+        """A ``cfg.model`` on the run's device, torch's RNG seeded by the run's seed: a freshly initialized
+        one for a name or a factory; for an ``nn.Module`` a copy of it (``fresh``: re-initialized)."""
         torch.manual_seed(self.seed + 1_000_003 * seed_offset)
-        model, _ = build_model(self.cfg.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans)
-        model = model.to(self.device)
+        build = fresh_copy if fresh else make_model
+        model = build(self.cfg.model, self.data.num_classes, self.data.in_chans)
+        model = (Logits(model) if self._wrap else model).to(self.device)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -426,6 +507,11 @@ class Run:
         else:
             x, y = self.part_xy(parts, "val")
         return evaluate(model, x, y, self.data, self.device, amp=None)  # fp32: it decides (student, teacher)
+
+    def train_acc(self, model, parts: Sequence[int]) -> float:
+        """Accuracy on the (un-augmented) training images of ``parts``: how far a phase fitted its data."""
+        x, y = self.part_xy(parts, "train")
+        return evaluate(model, x, y, self.data, self.device, amp=None)
 
     def example(self, parts: Sequence[int], n: int = 2) -> torch.Tensor:
         """``n`` normalized validation images of ``parts`` on the device (for probing block sizes)."""
@@ -452,7 +538,7 @@ class Run:
         if not new:  # keep the existing header (a file from an older version stays well-formed)
             with open(path, newline="") as f:
                 fields = next(csv.reader(f), fields)
-        with open(path, "a", newline="") as f:
+        with checkpoint.reporting_full_disk(path), open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 w.writeheader()
@@ -581,6 +667,7 @@ def _train_epochs(run: Run, step: int, phase: Phase, kind: PhaseKind, loop: _Pha
     def one_epoch(epoch: int) -> Dict:
         t0 = time.time()
         total, nb = _train_epoch(run, step, phase, loop, nets, epoch, desc)
+        kind.after_batches(run, phase, loop.state, epoch)
         _sync_buffers(loop.state.students)  # torchrun: BN running statistics averaged over ranks
         row = {"step": step, "phase": phase.name, "epoch": epoch + 1, "lr": loop.opt.param_groups[0]["lr"],
                "train_loss": float(total) / max(1, nb), "seconds": round(time.time() - t0, 3)}
@@ -604,8 +691,24 @@ def _train_epoch(run: Run, step: int, phase: Phase, loop: _PhaseLoop, nets: List
     total, nb = sgd_batches(itertools.islice(it, loop.batches),
                             lambda xb, yb: _batch_loss(run, phase, loop.state, nets, xb, yb, loop.gen),
                             loop.opt, scaler=loop.scaler, sparsifier=sp, sched=loop.sched)
-    check_finite_loss(total, f"step {step} phase {phase.name} epoch {epoch + 1}", loop.state_path)  # once per epoch
+    check_finite_loss(total, f"step {step} phase {phase.name} epoch {epoch + 1}",  # once per epoch
+                      _last_good_state(run, step, phase, loop.state_path))
     return total, nb
+
+
+def _last_good_state(run: Run, step: int, phase: Phase, state_path: Path) -> Path:
+    """The file that holds the last good state before this phase's current epoch: the resumable state once
+    an epoch of this phase is saved, else the output of the step's previous phase, else the previous step's
+    checkpoint (else the state file, which step 1's first epoch has not written yet)."""
+    if _resumes(state_path, step, phase):
+        return state_path
+    names = [p.name for p in plan_for(run.cfg.method)(run.cfg, step)] if step > 1 and run.cfg.method in METHODS else []
+    if phase.name in names and names.index(phase.name) > 0:
+        prev = run.work / f"step{step}_{names[names.index(phase.name) - 1]}.safetensors"
+        if prev.exists():
+            return prev
+    prev_step = run.out / f"step{step - 1}.safetensors"
+    return prev_step if step > 1 and prev_step.exists() else state_path
 
 
 def _epoch_end(run: Run, phase: Phase, kind: PhaseKind, state: PhaseState, epoch: int, row: Dict) -> None:
@@ -745,7 +848,7 @@ def resume_point(out_dir) -> Optional[Dict]:
 __all__ = [
     "METHODS", "SINGLE_RUN_METHODS", "STATE_FILE", "TrainConfig", "Run", "run_phase", "phase_seed",
     "dist_info", "is_main_process", "barrier", "resolve_device", "amp_dtype", "classifier_params", "evaluate",
-    "forward_flops", "preprocess_info", "write_metrics", "resume_point", "make_sgd", "make_scaler",
+    "forward_flops", "preprocess_info", "write_metrics", "resume_point", "make_sgd", "make_scaler", "resume_keys",
     # phases and their kinds (engine/phases.py)
     "Phase", "PhaseKind", "PhaseState", "WarmStart", "PHASE_KINDS", "WARM_STARTS", "phase_flops", "phase_kind",
     "warm_start_op", "register_phase_kind", "register_warm_start",

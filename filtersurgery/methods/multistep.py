@@ -24,9 +24,13 @@ fine-tuning). ``single_step`` is ``multi_step`` with two parts.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import csv
+import math
 import os
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -44,17 +48,19 @@ from filtersurgery.engine.phases import (PHASE_KINDS, WARM_STARTS, FineTune, Pha
                                          augmented, autocast, memory_format, normalized, phase_flops, phase_kind,
                                          register_phase_kind, register_warm_start)
 from filtersurgery.engine.trainer import (METHODS, SINGLE_RUN_METHODS, STATE_FILE, Run, TrainConfig, amp_dtype, barrier,
+                                          resume_keys,
                                           classifier_params, dist_info, evaluate, forward_flops, is_main_process,
                                           phase_seed, preprocess_info, resolve_device, resume_point, run_phase,
                                           write_metrics)
 from filtersurgery.ops import warmstart
+from filtersurgery.ops.normstats import refresh_bn_stats
 from filtersurgery.ops.reinit import rescale
-from filtersurgery.ops.sparsity import lam_for_budget, sparsify
+from filtersurgery.ops.ranking import as_scaling_map
+from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget
 # names the old flat ``filtersurgery.train`` module carried (its imports), kept for its readers
 from filtersurgery.data.datasets import load_dataset, split_parts  # noqa: F401
 from filtersurgery.models.factory import build_model  # noqa: F401
 from filtersurgery.ops.ranking import RANKINGS  # noqa: F401
-from filtersurgery.ops.sparsity import SparsityConfig  # noqa: F401
 
 
 # --------------------------------------------------------------------------- phase kinds
@@ -84,16 +90,29 @@ class SST(FineTune):
 
     name = "sst"
 
-    def _lam_safety(self, cfg: TrainConfig) -> float:
-        return cfg.lam_safety
+    msl = False  # sized with the margin of SST with cross-entropy (TrainConfig.sst_safety)
 
     def set_up(self, run, step, phase, state, batches):
         cfg, model = run.cfg, state.students[0]
+        safety = cfg.sst_safety(self.msl)
         lam = cfg.lam if cfg.lam != "auto" else lam_for_budget(
-            model, cfg.target_r, phase.lr, phase.epochs * max(1, batches), cfg.momentum, self._lam_safety(cfg),
-            cfg.ranking)
-        state.sparsifier = sparsify(model, target_r=cfg.target_r, epochs=phase.epochs, lam=lam,
-                                    selective=phase.selective, e_cut_fraction=cfg.e_cut_fraction, ranking=cfg.ranking)
+            model, cfg.target_r, phase.lr, phase.epochs * max(1, batches), cfg.momentum, safety, cfg.ranking,
+            update=cfg.sst_update)
+        # proximal "auto": the largest final target is due at 0 after 1 / safety of the phase; a late target catches up
+        catch_up = 1.0 / safety if cfg.sst_update == "proximal" and cfg.lam == "auto" else None
+        state.sparsifier = Sparsifier(as_scaling_map(model), SparsityConfig(
+            target_r=cfg.target_r, epochs=phase.epochs, lam=lam, selective=phase.selective,
+            e_cut_fraction=cfg.e_cut_fraction, ranking=cfg.ranking, update=cfg.sst_update, catch_up=catch_up))
+
+    def after_batches(self, run, phase, state, epoch):
+        """Re-estimate the BN running statistics from the phase's training images (``cfg.refresh_bn``): the
+        factors moved at every step, so the averages of the last batches describe another network."""
+        cfg = run.cfg
+        if cfg.refresh_bn:
+            x = run.part_xy(phase.parts, "train")[0][: cfg.refresh_bn_batches * cfg.batch_size]
+            batches = (normalized(run, x[i: i + cfg.batch_size].to(run.device)) for i in range(0, len(x), cfg.batch_size))
+            with autocast(run):
+                refresh_bn_stats(state.students[0], batches)
 
     def epoch_end(self, run, phase, state, epoch, vals, row):
         sp = state.sparsifier
@@ -116,8 +135,7 @@ class SSTMSL(SST):
     def flops_per_image(self, fwd, students):
         return 3 * fwd + fwd  # + teacher forward
 
-    def _lam_safety(self, cfg):
-        return cfg.lam_safety_msl
+    msl = True
 
     def set_up(self, run, step, phase, state, batches):
         cfg, model = run.cfg, state.students[0]  # the incoming model itself
@@ -262,7 +280,7 @@ class ShrinkPerturb(WarmStart):
     def apply(self, run, step, phase, model, x, y):
         g = torch.Generator().manual_seed(phase_seed(run.seed, step, phase.name, "noise:"))
         warmstart.prepare_step("shrink-perturb", model, cfg=run.cfg, generator=g,
-                               init=run.new_model(seed_offset=1000 + step))
+                               init=run.new_model(seed_offset=1000 + step, fresh=True))
 
 
 @register_warm_start
@@ -332,20 +350,25 @@ for _m in warmstart.WARMSTART_METHODS:  # the op on the incoming model, then fin
     registry.register_plan(_m, _one_phase(_m, "finetune", warm_start=_m))
 
 
-def _open_run(cfg: TrainConfig, out_dir, seed: int, data: Optional[ImageData]):
-    """The ``Run`` of one seed and its ``metrics.json`` so far (its config replaced by ``cfg``'s)."""
-    run = Run(cfg, seed, Path(out_dir), data)
-    out = run.out
+def _open_run(run: Run) -> Dict:
+    """Create the run's folders and return its ``metrics.json`` so far (its config replaced by the run's);
+    a folder that holds a run with other settings (:func:`~filtersurgery.engine.trainer.resume_keys`, the
+    model's identity among them) is refused in one line before anything is written."""
+    out, cfg = run.out, run.cfg
+    metrics_path = out / "metrics.json"
+    metrics = checkpoint.read_json(metrics_path) if metrics_path.exists() else {}
+    record = {**cfg.record(), "seed": run.seed}
+    old = metrics.get("config")
+    if isinstance(old, dict):
+        checkpoint.refuse_other_settings(out, old, record, keys=[k for k in resume_keys() if k in old])
     checkpoint.make_dir(out, "out")
     run.work.mkdir(exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"out: directory {out} is not writable")
-    metrics_path = out / "metrics.json"
-    metrics = checkpoint.read_json(metrics_path) if metrics_path.exists() else {}
     metrics.setdefault("preprocess", preprocess_info(run.data))
     metrics.setdefault("steps", [])
-    metrics["config"] = {**asdict(cfg), "seed": seed}
-    return run, metrics
+    metrics["config"] = record
+    return metrics
 
 
 def _train_step(run: Run, step: int, model: nn.Module, step1_from: Optional[str]):
@@ -354,10 +377,50 @@ def _train_step(run: Run, step: int, model: nn.Module, step1_from: Optional[str]
     if step == 1 and step1_from is not None and Path(step1_from).exists():
         model.load_state_dict(checkpoint.load_state_dict(step1_from, device=str(run.device)))
         return model, []
-    phases = plan_step(run.cfg, step)
+    phases, received = plan_step(run.cfg, step), []
     for phase in phases:
+        received.append(run.acc(model, phase.parts) if step > 1 else None)  # also right on a resume
         model = run_phase(run, step, phase, model)
-    return model, phases
+    return model, list(zip(phases, received))
+
+
+def _phase_record(run: Run, step: int, phase: Phase, val_in: Optional[float]) -> Dict:
+    """One phase's do-no-harm numbers for ``metrics.json``: the validation accuracy of the model it received
+    (``val_in``), its lowest and last epoch (best student), and SST's fraction of factors at zero."""
+    rows = [r for r in _epoch_rows(run) if r.get("step") == str(step) and r.get("phase") == phase.name]
+    vals = [max(float(r[k]) for k in ("val_acc0", "val_acc1") if r.get(k) not in (None, "")) for r in rows]
+    rec = {"phase": phase.name, "val_in": None if val_in is None else round(val_in, 4),
+           "val_min": round(min(vals), 4) if vals else None, "val_end": round(vals[-1], 4) if vals else None}
+    if rows and rows[-1].get("zero_frac") not in (None, ""):
+        rec["zero_frac"] = float(rows[-1]["zero_frac"])
+    return rec
+
+
+def _epoch_rows(run: Run) -> List[Dict[str, str]]:
+    path = run.out / "epochs.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def harm_margin(val: float, n: int) -> float:
+    """How far below the incoming model a step's validation accuracy may end before it counts as worse: one
+    binomial standard deviation of ``n`` validation images at accuracy ``val`` (%), at least one point."""
+    p = min(max(val / 100.0, 0.0), 1.0)
+    return max(1.0, 100.0 * math.sqrt(p * (1.0 - p) / max(1, n)))
+
+
+def _record_harm(run: Run, step: int, phases: List, val_in: float, entry: Dict, n_val: int) -> None:
+    """Put the incoming model's validation accuracy beside the output's in ``entry`` (``val_in``), each
+    phase's record (:func:`_phase_record`), and ``worse``: True, with a warning, when the step's output is
+    below the model it received by more than :func:`harm_margin` (the same validation images)."""
+    entry["val_in"] = round(val_in, 4)
+    entry["phase_vals"] = [_phase_record(run, step, p, v) for p, v in phases]
+    entry["worse"] = bool(entry["val_acc"] < entry["val_in"] - harm_margin(entry["val_in"], n_val))
+    if entry["worse"]:
+        warnings.warn(f"step {step} ({run.cfg.method}, seed {run.seed}) left the model worse than it received it: "
+                      f"validation {entry['val_in']:.2f}% -> {entry['val_acc']:.2f}%", stacklevel=2)
 
 
 def _save_step(run: Run, step: int, model: nn.Module, metrics: Dict, entry: Dict) -> None:
@@ -381,30 +444,48 @@ def multi_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageDat
     stop after that step (the rest can be run later into the same ``out_dir``); ``on_step``:
     called with each newly trained step's ``metrics.json`` entry as soon as it is written.
     """
-    run, metrics = _open_run(cfg, out_dir, seed, data)
+    run = Run(cfg, seed, Path(out_dir), data)  # validates the config, loads the data, checks the model
+    with checkpoint.run_lock(run.out) if is_main_process() else contextlib.nullcontext():
+        metrics = _open_run(run)
+        _run_steps(run, metrics, step1_from, until_step, on_step)
+        if is_main_process():
+            checkpoint.remove_empty_dir(run.work)
+    return metrics
+
+
+def _run_steps(run: Run, metrics: Dict, step1_from: Optional[str], until_step: Optional[int],
+               on_step: Optional[Callable[[Dict], None]]) -> None:
+    """Steps ``1..until_step`` (default all): load a finished step's checkpoint, train the others."""
     done = {s["step"] for s in metrics["steps"]}
-    fwd = None
-    model = run.new_model()
-    for step in range(1, (until_step or cfg.steps) + 1):
+    model, fwd = run.new_model(), []
+    for step in range(1, (until_step or run.cfg.steps) + 1):
         ckpt = run.out / f"step{step}.safetensors"
         if step in done and ckpt.exists():
             model.load_state_dict(checkpoint.load_state_dict(ckpt, device=str(run.device)))
             continue
-        t0 = time.time()
-        model, phases_run = _train_step(run, step, model, step1_from)
-        fwd = fwd or forward_flops(model, run.data, run.device)
-        flops = sum(phase_flops(p, fwd, len(run.part_xy(p.parts, "train")[1]), phase_kind(p.kind).models(cfg))
-                    for p in phases_run)
-        cur = plan_step(cfg, step)[-1].parts  # the step's last phase's data parts: its validation split
-        entry = {"step": step, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, cur), 4),
-                 "seconds": round(time.time() - t0, 2), "train_flops": flops,
-                 "phases": [p.name for p in phases_run]}
+        model, entry = _step_entry(run, step, model, step1_from, fwd)
         _save_step(run, step, model, metrics, entry)
         if on_step is not None and is_main_process():
             on_step(entry)
-    if is_main_process():
-        checkpoint.remove_empty_dir(run.work)
-    return metrics
+
+
+def _step_entry(run: Run, step: int, model: nn.Module, step1_from: Optional[str], fwd: List[int]):
+    """Train ``step`` from ``model``; returns the step's model and its ``metrics.json`` entry (test and
+    validation accuracy, the incoming model's validation accuracy and every phase's, seconds, FLOPs)."""
+    t0 = time.time()
+    cur = plan_step(run.cfg, step)[-1].parts  # the step's last phase's data parts: its validation split
+    val_in = run.acc(model, cur) if step > 1 else None  # the model the step received
+    model, phases_run = _train_step(run, step, model, step1_from)
+    if not fwd:
+        fwd.append(forward_flops(model, run.data, run.device))
+    flops = sum(phase_flops(p, fwd[0], len(run.part_xy(p.parts, "train")[1]), phase_kind(p.kind).models(run.cfg))
+                for p, _ in phases_run)
+    entry = {"step": step, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, cur), 4),
+             "train_acc": round(run.train_acc(model, plan_step(run.cfg, step)[-1].parts), 4),
+             "seconds": round(time.time() - t0, 2), "train_flops": flops, "phases": [p.name for p, _ in phases_run]}
+    if val_in is not None:
+        _record_harm(run, step, phases_run, val_in, entry, len(run.part_xy(cur, "val")[1]))
+    return model, entry
 
 
 def single_step(cfg: TrainConfig, out_dir, seed: int = 0, data: Optional[ImageData] = None, **kw) -> Dict:

@@ -32,6 +32,8 @@ from filtersurgery.tracing.scaling_map import FactorView, ScalingMap, unwrap
 ModelOrMap = Union[nn.Module, ScalingMap]
 _first_nonfinite, _nonfinite_message = first_nonfinite, nonfinite_message  # old private names
 RANKINGS = ("global", "per-norm")
+# the default of every operation and of the trainer: safe on any CNN (docs/operations.md, "Ranking")
+DEFAULT_RANKING = "per-norm"
 # a norm whose mean |gamma| is below this is treated as all-zero: its scores are 0
 _SCALE_FLOOR = 1e-12
 
@@ -87,7 +89,7 @@ def check_ranking(ranking: str) -> str:
     return ranking
 
 
-def factor_scales(fv: FactorView, ranking: str = "global", abs_gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+def factor_scales(fv: FactorView, ranking: str = DEFAULT_RANKING, abs_gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-factor scale ``s_n(k)`` (global factor order, float32, on the gammas' device).
 
     ``"global"``: all 1. ``"per-norm"``: the mean |gamma| of the factors of the factor's own
@@ -106,7 +108,7 @@ def factor_scales(fv: FactorView, ranking: str = "global", abs_gamma: Optional[t
     return means[norm_of]
 
 
-def factor_scores(fv: FactorView, ranking: str = "global", scales: Optional[torch.Tensor] = None
+def factor_scores(fv: FactorView, ranking: str = DEFAULT_RANKING, scales: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(scores, scales)``: ``|gamma_k| / s_n(k)`` in the units of ``ranking`` and the scales used.
 
@@ -135,7 +137,7 @@ class FilterRanking:
     scaling_map: ScalingMap
     score: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
-    ranking: str = "global"
+    ranking: str = "global"  # what ``score`` means; without ``score`` it is |gamma| (the global units)
 
     def __post_init__(self) -> None:
         if self.score is None:
@@ -173,11 +175,11 @@ class FilterRanking:
         return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 
-def rank_filters(model: ModelOrMap, ranking: str = "global", scales: Optional[torch.Tensor] = None) -> FilterRanking:
+def rank_filters(model: ModelOrMap, ranking: str = DEFAULT_RANKING, scales: Optional[torch.Tensor] = None) -> FilterRanking:
     """Rank all scaling factors of ``model`` by score (multistep paper III-B; docs/method.md).
 
-    ``ranking="global"`` (default, the paper's rule) ranks by |gamma|; ``"per-norm"`` by
-    |gamma| over the mean |gamma| of the factor's own norm. ``scales`` fixes the per-factor
+    ``ranking="per-norm"`` (default) ranks by |gamma| over the mean |gamma| of the factor's own
+    norm; ``"global"`` (the paper's rule) by |gamma| across all norms. ``scales`` fixes the per-factor
     norm scales (global factor order), e.g. ``Sparsifier.scales`` from the start of SST, so
     that a norm SST drove towards 0 still ranks as small; default: the current gammas'.
     Accepts a model (traced) or a ScalingMap. Ties are broken by factor index. The returned
@@ -196,13 +198,13 @@ def rank_filters(model: ModelOrMap, ranking: str = "global", scales: Optional[to
                          score=srt.values, scale=scale[srt.indices], ranking=ranking)
 
 
-def useless_mask(model: ModelOrMap, target_r: float = 0.3, ranking: str = "global") -> torch.Tensor:
+def useless_mask(model: ModelOrMap, target_r: float = 0.3, ranking: str = DEFAULT_RANKING) -> torch.Tensor:
     """Per-factor mask of the *useless* factors: the ``target_r`` fraction with the smallest score."""
     check_target_r(target_r)
     return smallest_mask(factor_scores(factor_view(model), ranking)[0], target_r)
 
 
-def remaining_mean(model: ModelOrMap, target_r: float = 0.3, ranking: str = "global") -> float:
+def remaining_mean(model: ModelOrMap, target_r: float = 0.3, ranking: str = DEFAULT_RANKING) -> float:
     """Mean |gamma| of the factors that are not useless (Fig. 3 (c) of the multistep paper)."""
     fv = factor_view(model)
     g = checked_gammas(fv).abs()

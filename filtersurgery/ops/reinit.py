@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from filtersurgery.ops.checks import check_target_r, fraction_count
-from filtersurgery.ops.ranking import ModelOrMap, rank_filters
+from filtersurgery.ops.ranking import DEFAULT_RANKING, ModelOrMap, rank_filters
 
 # an allowed range narrower than this (relative to its upper end) gives (nearly) identical students
 _DEGENERATE_WIDTH = 1e-3
@@ -63,7 +63,7 @@ class RescaleReport:
     new: torch.Tensor
     range: Tuple[float, float]
     pool_size: int
-    ranking: str = "global"
+    ranking: str = DEFAULT_RANKING
 
     def __len__(self) -> int:
         return int(self.factors.numel())
@@ -80,14 +80,14 @@ def rescale(
     I: float = 0.1,
     generator: Optional[torch.Generator] = None,
     reset_bias: bool = False,
-    ranking: str = "global",
+    ranking: str = DEFAULT_RANKING,
     scales: Optional[torch.Tensor] = None,
 ) -> RescaleReport:
     """Diverse re-initialization (eq. 4): re-draw the gammas of the useless factors.
 
     The useless factors are the ``fraction_count(target_r, n)`` smallest by score
-    (``ranking``: ``"global"`` |gamma|, the paper's rule, or ``"per-norm"`` |gamma| over its
-    norm's mean). Each gets the score of a rank ``j`` drawn uniformly from the allowed
+    (``ranking``: ``"per-norm"``, the default, |gamma| over its norm's mean, or ``"global"``
+    |gamma|, the paper's rule). Each gets the score of a rank ``j`` drawn uniformly from the allowed
     interval R = ``(target_r + I, 1 - I)`` (mid-rank quantiles), times its own norm's scale,
     so the new gamma is positive and, in its norm's units, lies within R. Betas are kept
     unless ``reset_bias=True`` (then 0). Conv weights are not touched. ``generator`` (a CPU

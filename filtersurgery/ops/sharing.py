@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import copy
 import math
+import contextlib
 import os
+import sys
 import time
 import types
 from contextlib import contextmanager
@@ -527,6 +529,26 @@ def _count_macs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[int
     return fwd // 2, int(fc.get_total_flops()) // 2
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send what native code writes to file descriptor 2 to /dev/null for the ``with`` block: the profiler's
+    C++ logger prints ``USDT:... profiler_start``/``profiler_stop`` lines there, whatever KINETO_LOG_LEVEL says.
+    Python's own ``sys.stderr`` is flushed first; where descriptor 2 cannot be duplicated nothing changes."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_mb(step) -> Optional[float]:
     """Peak tensor memory (MB) of ``step()`` on CPU from the profiler's memory timeline (private API)."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" noise on CPU-only hosts
@@ -534,7 +556,8 @@ def _cpu_peak_mb(step) -> Optional[float]:
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                                record_shapes=True, with_stack=True) as prof:
             step()
         _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
         return max((sum(s) for s in sizes), default=0) / 2 ** 20

@@ -29,9 +29,12 @@ from torch import nn
 import warnings
 
 from filtersurgery.ops.checks import check_target_r, fraction_count, smallest_mask
-from filtersurgery.ops.ranking import (ModelOrMap, as_scaling_map, check_ranking, checked_gammas, factor_scales,
+from filtersurgery.ops.ranking import (DEFAULT_RANKING, ModelOrMap, as_scaling_map, check_ranking, checked_gammas, factor_scales,
                                        factor_view)
 from filtersurgery.tracing.scaling_map import ScalingMap, check_trainable
+
+
+UPDATES = ("subgradient", "proximal")
 
 
 def sp_ratio(epoch: int, target_r: float, e_cut: float) -> float:
@@ -56,7 +59,13 @@ class SparsityConfig:
     selective: bool = True  # False: BST (network slimming), SP_r = 1 throughout
     e_cut_fraction: float = 1.0 / 3.0
     zero_tol: Optional[float] = None  # "converged" score; None: 1e-2 * median score at start
-    ranking: str = "global"  # how factors of different norms are compared (ranking.RANKINGS)
+    ranking: str = DEFAULT_RANKING  # how factors of different norms are compared (ranking.RANKINGS)
+    # how the L1 penalty acts on the targets: "subgradient" (the paper: lam * sign(gamma) added to the
+    # gradient) or "proximal" (each step shrinks |gamma| of a target by lam * scale, stopping at exactly 0)
+    update: str = "subgradient"
+    # proximal only: at every epoch start lam is raised (never lowered) when the largest final target could not
+    # reach 0 by this fraction of E_max (by the next epoch's end once past it); None: lam stays as given
+    catch_up: Optional[float] = None
 
     def validate(self) -> "SparsityConfig":
         """One-line ValueError naming the bad option and its allowed range; returns ``self``."""
@@ -70,6 +79,10 @@ class SparsityConfig:
             raise ValueError(f"e_cut_fraction: must be in [0, 1], got {self.e_cut_fraction!r}")
         if self.zero_tol is not None and not self.zero_tol >= 0.0:
             raise ValueError(f"zero_tol: must be None or >= 0, got {self.zero_tol!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update: must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if self.catch_up is not None and not (isinstance(self.catch_up, (int, float)) and 0 < self.catch_up <= 1):
+            raise ValueError(f"catch_up: must be None or in (0, 1], got {self.catch_up!r}")
         return self
 
 
@@ -117,6 +130,9 @@ class Sparsifier:
         self.history: List[Dict[str, Any]] = []
         self._active: List[int] = []
         self._masks: List[torch.Tensor] = []
+        self._free: List[torch.Tensor] = []
+        self.lam = float(config.lam)  # the L1 strength now (config.lam, raised by the proximal catch-up)
+        self.steps_per_epoch, self._steps = 0, 0  # steps of the last full epoch; steps of this one so far
         self.set_epoch(0)
         self.history.clear()
 
@@ -161,11 +177,25 @@ class Sparsifier:
                     f"creates no useless filters of its own; ranking='per-norm' compares each factor with its own norm",
                     stacklevel=2)
         self.sp_r = self.target_r if self.switched else self.scheduled_sp_r(self.epoch)
+        self._catch_up(g, k)
         self._select(smallest_mask(g, self.sp_r))
-        self.history.append(
-            {"epoch": self.epoch, "sp_r": self.sp_r, "n_targets": int(self.targets.sum()), "n_converged": n_conv}
-        )
+        self.history.append({"epoch": self.epoch, "sp_r": self.sp_r, "n_targets": int(self.targets.sum()),
+                             "n_converged": n_conv, "lam": self.lam})
         return self.sp_r
+
+    def _catch_up(self, scores: torch.Tensor, k: int) -> None:
+        """Proximal update with ``config.catch_up``: raise ``lam`` (never lower it) so that the largest of the
+        ``k`` smallest scores, shrunk by ``lam`` per step at the step rate of the epoch just ended, reaches 0 by
+        ``catch_up * E_max`` (by the end of this epoch once that is past). Counts the steps of the new epoch."""
+        steps, self._steps = self._steps, 0
+        if steps > 0:
+            self.steps_per_epoch = steps
+        c = self.config
+        if c.update != "proximal" or c.catch_up is None or not c.selective or not self.total or not self.steps_per_epoch:
+            return
+        left = max(c.catch_up * self.total - self.epoch, 1.0)  # epochs to the deadline, at least this one
+        largest = float(torch.sort(scores).values[k - 1]) if k > 0 else 0.0
+        self.lam = max(self.lam, largest / (left * self.steps_per_epoch))
 
     def scores(self) -> torch.Tensor:
         """Every factor's score ``|gamma| / scale`` now (ranking units; NaN/Inf raise)."""
@@ -173,10 +203,11 @@ class Sparsifier:
         return g / self.scales.to(g.device)
 
     def _select(self, targets: torch.Tensor) -> None:
-        """Cache ``lam * scale * mask`` per norm weight that holds at least one target."""
+        """Cache ``lam * scale * mask`` per norm weight that holds at least one target (and, for the
+        proximal update, ``1 - mask``: the channels whose gradient is always kept)."""
         self.targets = targets.cpu()
-        self._active, self._masks = [], []
-        push = (self.config.lam * self.scales).cpu()
+        self._active, self._masks, self._free = [], [], []
+        push = (self.lam * self.scales).cpu()
         for i, (p, off, c) in enumerate(zip(self._params, self.factors.offsets, self._chan)):
             t = self.targets[off : off + c.numel()]
             if not bool(t.any()):
@@ -185,6 +216,7 @@ class Sparsifier:
             m[c[t.to(c.device)]] = push[off : off + c.numel()][t].to(device=p.device, dtype=p.dtype)
             self._active.append(i)
             self._masks.append(m)
+            self._free.append((m == 0).to(p.dtype))
         self._active_params = [self._params[i] for i in self._active]
 
     # ------------------------------------------------------------------ step
@@ -198,6 +230,7 @@ class Sparsifier:
         them and raises a one-line ValueError). If the model was moved or cast after
         :func:`sparsify` (``model.cuda()``, ``model.half()``), the cached masks follow it.
         """
+        self._steps += 1
         if not self._active_params:
             return
         if any(m.device != p.device or m.dtype != p.dtype for m, p in zip(self._masks, self._active_params)):
@@ -207,8 +240,26 @@ class Sparsifier:
         if any(gr is None for gr in grads):
             name = self.factors.norms[self._active[[gr is None for gr in grads].index(True)]]
             raise ValueError(f"step: scaling factor {name}.weight has no gradient; call step() after loss.backward()")
+        if self.config.update == "proximal":
+            self._proximal(grads)
+            return
         signs = torch._foreach_sign(self._active_params)
         torch._foreach_addcmul_(grads, signs, self._masks)
+
+    def _proximal(self, grads: List[torch.Tensor]) -> None:
+        """Soft-threshold the targets: ``gamma <- sign(gamma) * max(|gamma| - lam * scale, 0)`` (the
+        proximal step of the L1 term), and drop the gradient of every target that sits at exactly 0
+        (so the optimizer step does not lift it again; a factor that leaves the targets gets it back)."""
+        ps = self._active_params
+        new = torch._foreach_abs(ps)
+        torch._foreach_sub_(new, self._masks)
+        torch._foreach_clamp_min_(new, 0.0)
+        keep = torch._foreach_sign(new)  # 1 where the new |gamma| > 0
+        torch._foreach_add_(keep, self._free)  # non-targets always keep their gradient
+        torch._foreach_clamp_max_(keep, 1.0)
+        torch._foreach_mul_(new, torch._foreach_sign(ps))
+        torch._foreach_mul_(grads, keep)
+        torch._foreach_copy_(ps, new)
 
     # --------------------------------------------------------------- results
     def useless(self) -> torch.Tensor:
@@ -238,6 +289,9 @@ class Sparsifier:
             "sp_r": self.sp_r,
             "targets": self.targets.clone(),
             "history": list(self.history),
+            "lam": self.lam,
+            "steps_per_epoch": self.steps_per_epoch,
+            "steps": self._steps,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -256,13 +310,16 @@ class Sparsifier:
         self.switch_epoch = state.get("switch_epoch")
         self.sp_r = float(state["sp_r"])
         self.history = list(state.get("history", []))
+        self.lam = float(state.get("lam", self.config.lam))
+        self.steps_per_epoch = int(state.get("steps_per_epoch", 0))
+        self._steps = int(state.get("steps", 0))
         self._select(tg.to(torch.bool))
 
     def __repr__(self) -> str:
         kind = "SST" if self.config.selective else "BST"
         return (
             f"Sparsifier({kind}, target_r={self.target_r}, sp_r={self.sp_r:.3f}, epoch={self.epoch}, "
-            f"targets={int(self.targets.sum())}/{self.n}, lam={self.config.lam:.4g}, ranking={self.config.ranking!r}, "
+            f"targets={int(self.targets.sum())}/{self.n}, lam={self.lam:.4g}, ranking={self.config.ranking!r}, "
             f"switched={self.switched})"
         )
 
@@ -275,7 +332,8 @@ def sparsify(
     selective: bool = True,
     e_cut_fraction: float = 1.0 / 3.0,
     zero_tol: Optional[float] = None,
-    ranking: str = "global",
+    ranking: str = DEFAULT_RANKING,
+    update: str = "subgradient",
 ) -> Sparsifier:
     """Selective sparsity training (multistep paper III-B, eq. 1-3; docs/method.md): the Sparsifier.
 
@@ -288,12 +346,12 @@ def sparsify(
         a :class:`Sparsifier` (already at epoch 0).
     """
     sm = as_scaling_map(model)
-    cfg = SparsityConfig(target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking)
+    cfg = SparsityConfig(target_r, epochs, lam, selective, e_cut_fraction, zero_tol, ranking, update)
     return Sparsifier(sm, cfg)
 
 
 def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, momentum: float = 0.9,
-                   safety: float = 2.0, ranking: str = "global") -> float:
+                   safety: float = 2.0, ranking: str = DEFAULT_RANKING, update: str = "subgradient") -> float:
     """The ``lam="auto"`` rule: the lambda whose L1 push can carry the ``Target_r`` quantile to 0.
 
     Under PyTorch's SGD with momentum ``mu`` (``v = mu * v + g; p -= lr_t * v``) and a
@@ -305,9 +363,15 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
     now (the largest score the final targets start from). ``safety`` covers the
     cross-entropy gradient that pushes back and the ramp of SP_r. The result is in the
     units of ``ranking`` (the Sparsifier multiplies it by each factor's norm scale).
+
+    ``update="proximal"``: each of the ``steps`` steps shrinks a target by exactly ``lam``, so
+    ``D = lam * steps`` and ``lam = safety * q / steps``, whatever ``lr`` and ``momentum`` are
+    (``safety = 1.5``: the largest final target reaches 0 after two thirds of the steps).
     """
     target_r = check_target_r(target_r)
     check_ranking(ranking)
+    if update not in UPDATES:
+        raise ValueError(f"update: must be one of {', '.join(UPDATES)}, got {update!r}")
     for name, v, ok in (("lr", lr, lr > 0), ("steps", steps, steps >= 1), ("momentum", momentum, 0 <= momentum < 1),
                         ("safety", safety, safety > 0)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and ok):
@@ -316,10 +380,12 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
     g = checked_gammas(fv).abs()
     scores = g / factor_scales(fv, ranking, g)
     q = float(torch.quantile(scores.double().cpu(), target_r))
+    if update == "proximal":
+        return safety * q / int(steps)
     t = torch.arange(int(steps), dtype=torch.float64)
     lr_t = lr * (1 + torch.cos(math.pi * t / int(steps))) / 2
     per_lam = float((lr_t * (1 - momentum ** (t + 1)) / (1 - momentum)).sum())
     return safety * q / per_lam
 
 
-__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "lam_for_budget"]
+__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "lam_for_budget", "UPDATES"]
