@@ -318,6 +318,24 @@ def test_demo_sentence_says_who_is_ahead(tmp_path):
     assert "5.0x its training FLOPs" in demo_sentence(res(80.0, 80.0), flops, tmp_path)
 
 
+def test_demo_sentence_says_whether_the_framework_harmed_the_models_it_received(tmp_path):
+    from filtersurgery.cli.run import demo_sentence
+
+    def fw(worse):
+        sst = {"phase": "sst", "val_in": 64.0, "val_min": 60.5, "val_end": 66.0, "zero_frac": 0.3}
+        return [{"step": 1, "test_acc": 70.0},
+                {"step": 2, "test_acc": 72.0, "val_in": 64.0, "val_acc": 60.0 if worse else 70.0, "worse": worse,
+                 "phase_vals": [sst]}]
+
+    res = {"finetune (lr 1e-2)": [{"step": 2, "test_acc": 73.0}]}
+    flops = {"finetune (lr 1e-2)": 1.0, "framework": 5.0}
+    text = demo_sentence({**res, "framework": fw(False)}, flops, tmp_path, "the embedded subset")
+    assert "No step of the framework left the model worse than it received it" in text
+    assert "SST's lowest epoch was at most 3.5 points below" in text and "test on the embedded subset)" in text
+    assert "left the model worse than it received it at step(s) 2" in demo_sentence(
+        {**res, "framework": fw(True)}, flops, tmp_path)
+
+
 @pytest.mark.parametrize("method,extra", [("plain", ()), ("framework", ("--steps", "2"))])
 def test_killed_run_refuses_a_rerun_with_other_settings(tmp_path, capsys, monkeypatch, method, extra):
     """Killed before its first metrics.json (a single-run method, or step 1): a re-run with another --lr is

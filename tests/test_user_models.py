@@ -127,3 +127,11 @@ def test_a_transformers_cnn_with_a_model_output_trains_in_the_framework(cls_name
     m = train.multi_step(tiny(net), tmp_path, seed=0, data=demo)
     assert [e["step"] for e in m["steps"]] == [1, 2] and m["steps"][1]["phases"] == ["sst", "aod"]
     assert m["config"]["model"].startswith(f"user:{cls_name}:")
+
+
+def test_sharing_refuses_a_user_model_in_one_line(demo, tmp_path):
+    from filtersurgery.methods import sharing
+
+    cfg = tiny(NestedNet(), "sharing")
+    with pytest.raises(ValueError, match="^model: sharing builds one network per class set"):
+        sharing.run_method(cfg, None, tmp_path, 0, demo)

@@ -304,16 +304,43 @@ def _demo_config(args: argparse.Namespace, data) -> TrainConfig:
                        progress=args.progress)
 
 
-def demo_sentence(results: Dict[str, List[Dict]], flops: Dict[str, float], out: Path) -> str:
-    """One plain sentence on what the demo's table shows (whoever is ahead), and where the full results are."""
+def harm_sentence(steps: List[Dict]) -> str:
+    """What the framework did to the models it received (``metrics.json`` entries of steps >= 2): whether any
+    step left its model worse, and how far SST's lowest epoch fell below the model SST received."""
+    later = [e for e in steps if e.get("val_in") is not None]
+    if not later:
+        return ""
+    worse = [e["step"] for e in later if e.get("worse")]
+    drops = [p["val_in"] - p["val_min"] for e in later for p in e.get("phase_vals", [])
+             if p["phase"] == "sst" and p.get("val_min") is not None]
+    sst = f"; SST's lowest epoch was at most {max(drops):.1f} points below the model it received" if drops else ""
+    if worse:
+        return f"The framework left the model worse than it received it at step(s) {', '.join(map(str, worse))}{sst}."
+    return f"No step of the framework left the model worse than it received it (validation){sst}."
+
+
+def demo_sentence(results: Dict[str, List[Dict]], flops: Dict[str, float], out: Path, data_text: str = "") -> str:
+    """Plain sentences on what the demo's table shows (whoever is ahead, on which data, whether the framework
+    harmed the models it received), and where the full results are."""
     ft, fw = results["finetune (lr 1e-2)"][-1], results["framework"][-1]
     diff = fw["test_acc"] - ft["test_acc"]
     ratio = flops["framework"] / max(flops["finetune (lr 1e-2)"], 1.0)
     verdict = ("ahead of" if diff > 0 else "behind" if diff < 0 else "level with")
+    on = f" on {data_text}" if data_text else ""
+    harm = harm_sentence(results["framework"])
     return (f"At Data{fw['step']} the framework is {verdict} fine-tuning by {abs(diff):.2f} points "
-            f"({fw['test_acc']:.2f}% vs {ft['test_acc']:.2f}% test) at {ratio:.1f}x its training FLOPs; one seed "
-            f"of a 5-minute run decides little: README 'Measured results' has the 3-seed comparison with more "
-            f"baselines and the ablation that shows where the framework gains or loses. Files: {out}/")
+            f"({fw['test_acc']:.2f}% vs {ft['test_acc']:.2f}% test{on}) at {ratio:.1f}x its training FLOPs. "
+            f"{harm + ' ' if harm else ''}One seed of a 5-minute run decides little: docs/results.md has the 3-seed "
+            f"comparisons with more baselines, and the ablation that shows where the framework gains or loses. "
+            f"Files: {out}/")
+
+
+def demo_data_text(data) -> str:
+    """Which Fashion-MNIST the demo ran on, in words (the embedded subset is what a pip install has)."""
+    n = f"{len(data.train_y)} training / {len(data.test_y)} test images"
+    if data.name.endswith("-demo"):
+        return (f"the embedded Fashion-MNIST subset ({n}; the full dataset: see README, Set up)")
+    return f"Fashion-MNIST from {data.source} ({n})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -368,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{k + 1:>4}  " + "  ".join(f"{results[n][k]['test_acc']:>17.2f}%" for n in results))
     accuracy_per_step({n: [{"step": e["step"], "test_acc_mean": e["test_acc"], "test_acc_std": 0.0} for e in r]
                        for n, r in results.items()}, out / "accuracy.png")
-    print("\n" + demo_sentence(results, flops, out))
+    print("\n" + demo_sentence(results, flops, out, demo_data_text(data)))
     return 0
 
 

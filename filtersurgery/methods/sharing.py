@@ -50,6 +50,7 @@ from filtersurgery.engine import checkpoint
 from filtersurgery.engine.registry import MethodSpec, option, register
 from filtersurgery.data.datasets import ImageData, load_dataset
 from filtersurgery.models.factory import build_model
+from filtersurgery.models.user import is_user_model, model_id
 from filtersurgery.ops.sharing import BranchedNet, branch_state_dict, load_branch, plan_share, share, share_plan, training_cost
 from filtersurgery.engine.trainer import Phase, Run, TrainConfig, run_phase, write_metrics
 from filtersurgery.tracing.probe import eval_mode, example_input
@@ -216,6 +217,7 @@ def _example_batch(data: ImageData, n: int, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- methods
 def run_method(cfg: TrainConfig, options: Optional[SharingConfig], out_dir: Path, seed: int, data: ImageData) -> Dict:
     """``filtersurgery run --method sharing|class-finetune`` for one seed (module docstring)."""
+    _needs_a_name(cfg)
     opts = options if options is not None else SharingConfig()
     sets = class_sets_from(opts.class_sets, data.num_classes)
     if cfg.method == "sharing":
@@ -223,6 +225,14 @@ def run_method(cfg: TrainConfig, options: Optional[SharingConfig], out_dir: Path
     if cfg.method == "class-finetune":
         return run_class_finetune(cfg, sets, out_dir, seed, data)
     raise ValueError(f"method: {cfg.method!r} is not implemented here (one of {', '.join(METHODS)})")
+
+
+def _needs_a_name(cfg: TrainConfig) -> None:
+    """One-line ValueError for a user model: these methods build one head per class set from a model name."""
+    if is_user_model(cfg.model):
+        raise ValueError(f"model: {cfg.method} builds one network per class set (its own number of classes) from a "
+                         f"model name; got a user model ({model_id(cfg.model)}): pass timm:NAME, torchvision:NAME or "
+                         f"cifar:resnetDEPTH")
 
 
 def run_sharing(cfg: TrainConfig, class_sets: List[List[int]], share_frac: float, out_dir, seed: int = 0,
