@@ -67,9 +67,9 @@ def _job(a: Dict, model: str, variant: str, seed: int) -> str:
     """One (model, variant, seed) run, in a worker process; returns a one-line summary."""
     import torch
 
-    from filtersurgery.data.datasets import load_dataset
+    from filtersurgery.data import load_dataset
     from filtersurgery.methods.growth import GrowthConfig, run_growth
-    from filtersurgery.engine.trainer import TrainConfig
+    from filtersurgery.engine.config import TrainConfig
 
     if a["threads"]:
         torch.set_num_threads(a["threads"])

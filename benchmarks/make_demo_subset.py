@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from filtersurgery.data.datasets import _balanced_subset, load_fashion_mnist
+from filtersurgery.data.images import _balanced_subset
+from filtersurgery.data.sources import load_fashion_mnist
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "filtersurgery", "data", "_datafiles", "fashion_mnist_subset.npz")
 

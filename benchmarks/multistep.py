@@ -22,16 +22,17 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
-from filtersurgery.data.datasets import load_dataset
+from filtersurgery import MultiStepConfig, TrainConfig, multi_step
+from filtersurgery.data import load_dataset
 from filtersurgery.report.figures import accuracy_per_step, markdown_table
-from filtersurgery.methods.multistep import TrainConfig, multi_step, phase_flops, plan_step
+from filtersurgery.train import plan_step
 
-# name -> TrainConfig overrides (epochs multiplier via "_x")
+# name -> TrainConfig and MultiStepConfig overrides (epochs multiplier via "_x")
 VARIANTS = {
     "finetune(1e-3)": dict(method="finetune", lr=1e-3),
     "finetune(1e-2)": dict(method="finetune", lr=1e-2),
@@ -44,7 +45,7 @@ VARIANTS = {
     "dash": dict(method="dash", lr=1e-2),
     "finetune(1e-2) 3x epochs": dict(method="finetune", lr=1e-2, _x=3),
     "joint 3x epochs": dict(method="joint", _x=3),
-    # fine-tuning given the framework's training FLOPs over steps 2.. (epochs from phase_flops)
+    # fine-tuning given the framework's training FLOPs over steps 2.. (epochs from Phase.flops)
     "finetune(1e-2) equal FLOPs": dict(method="finetune", lr=1e-2, _x="framework"),
 }
 # the --cpu-medium testbed's comparison
@@ -85,7 +86,7 @@ ABLATIONS = {
     "framework lr=1e-2 AOD only flip=random": dict(_SCREEN, students=1, dri=False, sst=False, aod_flip="random"),
     # no SP_r ramp (E_cut = 0): only the Target_r smallest factors are pushed, from SST's first epoch
     "framework e_cut=0": dict(method="framework", e_cut_fraction=0.0),
-    # the paper's recipe (TrainConfig(recipe="paper"): global |gamma|, subgradient lam 1e-4 with the SP_r ramp,
+    # the paper's recipe (MultiStepConfig(recipe="paper"): global |gamma|, subgradient lam 1e-4 with the SP_r ramp,
     # stale BN statistics, attention transfer on every block, AOD at lr 1e-3)
     "framework paper recipe": dict(method="framework", recipe="paper"),
     # the do-no-harm defaults switched back one at a time (docs/method.md, "Do no harm")
@@ -106,13 +107,21 @@ ABLATIONS = {
 }
 
 
-def equal_flops_epochs(cfg: TrainConfig, steps: int) -> int:
+_CFG_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def configs(base: TrainConfig, ov: dict):
+    """``(TrainConfig, MultiStepConfig)`` of a variant's overrides (each field to the dataclass that has it)."""
+    cfg = replace(base, **{k: v for k, v in ov.items() if k in _CFG_FIELDS})
+    return cfg, MultiStepConfig(**{k: v for k, v in ov.items() if k not in _CFG_FIELDS})
+
+
+def equal_flops_epochs(cfg: TrainConfig, opts: MultiStepConfig, steps: int) -> int:
     """Epochs per step that give fine-tuning the framework's training FLOPs over steps 2..``steps``."""
     fw = replace(cfg, method="framework")
     ft = replace(cfg, method="finetune")
     def total(c):
-        return sum(phase_flops(p, 1, 1, c.students if p.kind == "aod" else 1)
-                   for k in range(2, steps + 1) for p in plan_step(c, k))
+        return sum(p.flops(1, 1) for k in range(2, steps + 1) for p in plan_step(c, opts, k))
     return max(1, round(cfg.epochs * total(fw) / total(ft)))
 
 
@@ -283,11 +292,11 @@ def main(argv=None) -> int:
             for name, ov in ({} if args.step1_only else variants).items():
                 ov = dict(ov)
                 x = ov.pop("_x", 1)
-                cfg = replace(base, **ov)
-                epochs = equal_flops_epochs(cfg, steps) if x == "framework" else base.epochs * x
+                cfg, opts = configs(base, ov)
+                epochs = equal_flops_epochs(cfg, opts, steps) if x == "framework" else base.epochs * x
                 cfg = replace(cfg, epochs=epochs)
                 t0 = time.time()
-                multi_step(cfg, out / slug(name) / f"seed{seed}", seed=seed, data=data,
+                multi_step(cfg, out / slug(name) / f"seed{seed}", seed=seed, data=data, options=opts,
                            step1_from=str(step1_dir / "step1.safetensors"))
                 print(f"[{time.time() - t0:7.1f}s] seed {seed} {name} done", flush=True)
 

@@ -83,9 +83,9 @@ def run_dir(args, model: str, method: str, seed: int) -> Path:
 def worker(spec: Dict) -> None:
     import torch
 
-    from filtersurgery.data.datasets import load_dataset
+    from filtersurgery.data import load_dataset
     from filtersurgery.methods.reactivation import ReactivationMethodConfig, run_method
-    from filtersurgery.engine.trainer import TrainConfig
+    from filtersurgery.engine.config import TrainConfig
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

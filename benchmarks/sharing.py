@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from filtersurgery.data.datasets import load_dataset
+from filtersurgery.data import load_dataset
 from filtersurgery.cli.sweep import format_table
-from filtersurgery.methods.sharing import (DEFAULT_SHARES, class_sets_from, run_class_finetune, run_sharing,
-                                          sweep_sharing)
-from filtersurgery.engine.trainer import TrainConfig
+from filtersurgery.methods.sharing import DEFAULT_SHARES, class_sets_from, run_class_finetune, run_sharing
+from filtersurgery.methods.sharing_sweep import sweep_sharing
+from filtersurgery.engine.config import TrainConfig
 
 CPU_SMALL = dict(model="cifar:resnet20", epochs=4, subset=1500, test_subset=2000, batch_size=128, device="cpu",
                  seeds=[0], threads=1)

@@ -31,7 +31,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from filtersurgery.data.datasets import load_dataset, split_parts
+from filtersurgery.data import load_dataset, split_parts
 from filtersurgery.report.plots import gamma_histogram
 from filtersurgery.ops.ranking import remaining_mean
 from filtersurgery.ops.sparsity import sparsify

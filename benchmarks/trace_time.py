@@ -1,4 +1,4 @@
-"""Per-model ``filtersurgery.trace`` time on CPU for the README's tracer table.
+"""Per-model ``filtersurgery.trace`` time on CPU for the tracer table of docs/tracer.md.
 
     python benchmarks/trace_time.py [--repeat 3] [--threads 1] [--check-real] [MODEL ...]
 
@@ -18,7 +18,8 @@ import torch
 
 from filtersurgery.models.factory import build_model
 from filtersurgery.tracing.scaling_map import format_coverage
-from filtersurgery.tracing.tracer import default_input_size, trace
+from filtersurgery.tracing.probe import default_input_size
+from filtersurgery.tracing.tracer import trace
 
 ISSUE_MODELS = [
     "timm:resnet18", "timm:resnet50", "timm:resnext50_32x4d", "timm:wide_resnet50_2", "timm:mobilenetv2_100",

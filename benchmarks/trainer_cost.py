@@ -23,15 +23,14 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from filtersurgery.data import augment
-from filtersurgery.data.datasets import BatchLoader, load_dataset
-from filtersurgery.engine.trainer import Phase, Run, TrainConfig, run_phase
+from filtersurgery.data import BatchLoader, load_dataset
+from filtersurgery.train import AOD, FineTune, Run, TrainConfig, run_phase
 
 
 def _sync(dev: torch.device) -> None:
@@ -43,9 +42,9 @@ def trainer_epoch(run: Run, kind: str, students: int, tag: str) -> float:
     """Seconds of one ``run_phase`` epoch of ``kind`` (fresh work folder: nothing resumes)."""
     shutil.rmtree(run.work, ignore_errors=True)
     run.work.mkdir(parents=True)
-    run.cfg = replace(run.cfg, students=students)
     model = run.new_model()
-    phase = Phase(f"bench_{tag}", kind, [0], run.cfg.new_lr, 1)
+    phase = (AOD(f"bench_{tag}", [0], run.cfg.new_lr, 1, students=students) if kind == "aod"
+             else FineTune(f"bench_{tag}", [0], run.cfg.new_lr, 1))
     _sync(run.device)
     t0 = time.perf_counter()
     run_phase(run, 2, phase, model)

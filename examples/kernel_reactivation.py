@@ -7,7 +7,7 @@ reactivation paper's setting). One of them gets, once per epoch after the epoch,
     cb = ReactivationCallback(model, period=E, alpha=0.2, beta=0.3, gamma=0.1, lr0=0.1)
     cb(current_lr)      # after epochs E, 2E, ...: invalid kernels get the L1 norm of their filter's best kernel
 
-(``filtersurgery.reactivate_kernels`` under the hood, docs/method.md §5: invalid filters are in the
+(``filtersurgery.reactivation.reactivate_kernels`` under the hood, docs/method.md §5: invalid filters are in the
 lowest ``alpha`` by mean |w| model-wide AND the lowest ``beta`` of their layer; inside
 them the ``gamma * lr_t / lr_0`` smallest-L1 kernels are rescaled by ``Best_L1 / L1``).
 No reactivation after the last epoch: nothing would train the reactivated kernels.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import filtersurgery
 from filtersurgery.data.augment import normalize, random_crop_flip
-from filtersurgery.data.datasets import BatchLoader, load_dataset
+from filtersurgery.data import BatchLoader, load_dataset
 
 
 def get_args():
@@ -106,7 +106,7 @@ def main():
     print("plain training")
     train(twin, data, x, y, args)
     print(f"kernel reactivation every {args.period} epoch(s), (alpha, beta, gamma) = ({args.alpha}, {args.beta}, {args.gamma})")
-    cb = filtersurgery.ReactivationCallback(model, period=args.period, alpha=args.alpha, beta=args.beta,
+    cb = filtersurgery.reactivation.ReactivationCallback(model, period=args.period, alpha=args.alpha, beta=args.beta,
                                             gamma=args.gamma, lr0=args.lr)
     train(model, data, x, y, args, callback=cb)
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from filtersurgery.data.datasets import load_dataset
+from filtersurgery.data import load_dataset
 from filtersurgery.report.figures import accuracy_per_step, markdown_table
-from filtersurgery.cli.run import check_out_dir
-from filtersurgery.methods.multistep import TrainConfig, multi_step
+from filtersurgery import TrainConfig, multi_step
 
 
 def get_args():
@@ -72,9 +71,9 @@ def main():
         )
         per_step = {}
         for seed in args.seeds:
-            check_out_dir(Path(args.out) / method, cfg, seed)  # refuses a folder holding a run with other settings
             # the step-1 model (Data1 from scratch) is the same for every method of a seed: train it once
             first = Path(args.out) / args.methods[0] / f"seed{seed}" / "step1.safetensors"
+            # multi_step resumes a killed run and refuses a folder holding a run with other settings
             m = multi_step(cfg, Path(args.out) / method / f"seed{seed}", seed=seed, data=data,
                            step1_from=str(first) if method != args.methods[0] else None)
             for e in m["steps"]:

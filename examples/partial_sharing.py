@@ -3,7 +3,7 @@
 Fashion-MNIST's classes arrive in three sets: 0-3, then 4-6, then 7-9 (docs/method.md §6).
 
 1. a base network is trained on set 1 only;
-2. for each new set, ``branch = filtersurgery.share(base, share=0.8, num_classes=3)`` is
+2. for each new set, ``branch = filtersurgery.sharing.share(base, share=0.8, num_classes=3)`` is
    a copy of the base whose first 80% of conv parameters (forward order) are frozen and
    shared, with a fresh classifier; only the rest is trained, on the new set's images only;
 3. ``BranchedNet(base, classes=[0, 1, 2, 3]).add_branch(branch, classes=[4, 5, 6])...``
@@ -11,7 +11,7 @@ Fashion-MNIST's classes arrive in three sets: 0-3, then 4-6, then 7-9 (docs/meth
    by the largest softmax probability of the branches.
 
 It prints the accuracy over all 10 classes, the accuracy within each set, and what
-sharing saves per training iteration (``filtersurgery.training_cost``: MACs counted with
+sharing saves per training iteration (``filtersurgery.sharing.training_cost``: MACs counted with
 torch.utils.flop_counter, trainable and stored parameters).
 
     python examples/partial_sharing.py                            # CPU-sized defaults
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import filtersurgery
 from filtersurgery.data.augment import normalize, random_crop_flip
-from filtersurgery.data.datasets import BatchLoader, load_dataset
+from filtersurgery.data import BatchLoader, load_dataset
 
 CLASS_SETS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
@@ -102,13 +102,13 @@ def main():
     base = base.to(args.device)
     print(f"base on classes {CLASS_SETS[0]}")
     train(base, data, *images_of(CLASS_SETS[0], data.train_x, data.train_y, args.images_per_set), args.lr, args)
-    net = filtersurgery.BranchedNet(base, classes=CLASS_SETS[0])
+    net = filtersurgery.sharing.BranchedNet(base, classes=CLASS_SETS[0])
 
     # 2. one branch per new set: shared trunk frozen, the rest trained on the new set only
     example = torch.zeros(args.batch_size, data.in_chans, data.size, data.size, device=args.device)
     for classes in CLASS_SETS[1:]:
-        branch = filtersurgery.share(base, share=args.share, num_classes=len(classes))
-        plan = filtersurgery.share_plan(branch)
+        branch = filtersurgery.sharing.share(base, share=args.share, num_classes=len(classes))
+        plan = filtersurgery.sharing.share_plan(branch)
         print(f"branch for classes {classes}: {plan.n_shared_layers}/{len(plan.layers)} conv layers shared "
               f"({plan.shared_fraction:.0%} of conv parameters), cut at {plan.cut}")
         train(branch, data, *images_of(classes, data.train_x, data.train_y, args.images_per_set), args.branch_lr, args)
@@ -126,9 +126,9 @@ def main():
         print(f"  set {k + 1} {classes}: within-set accuracy {100.0 * (logits.argmax(1) == y).float().mean():.2f}%")
 
     # 4. what sharing saves per training iteration
-    unshared = filtersurgery.share(base, share=0.0, num_classes=3)  # the same branch with nothing shared
-    full = filtersurgery.training_cost(unshared, example, num_classes=3, measure=False)
-    part = filtersurgery.training_cost(branch, example, num_classes=3, measure=False)
+    unshared = filtersurgery.sharing.share(base, share=0.0, num_classes=3)  # the same branch with nothing shared
+    full = filtersurgery.sharing.training_cost(unshared, example, num_classes=3, measure=False)
+    part = filtersurgery.sharing.training_cost(branch, example, num_classes=3, measure=False)
     stored = sum(p.numel() for p in net.parameters())
     print(f"per training iteration (batch {args.batch_size}): {part.train_macs / 1e6:.0f} MMACs with sharing vs "
           f"{full.train_macs / 1e6:.0f} without ({part.train_macs / full.train_macs:.2f}x); trainable parameters "

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import filtersurgery
-from filtersurgery.data.datasets import load_dataset
+from filtersurgery.ops.ranking import remaining_mean
+from filtersurgery.data import load_dataset
 
 
 def get_args():
@@ -135,7 +136,7 @@ def main():
     useless = sp.useless()
     rk = filtersurgery.rank_filters(model, scales=sp.scales)  # ranked in the units SST used
     print(f"useless factors: {int(useless.sum())} of {sp.n} (mean |gamma| {rk.abs_gamma[: int(useless.sum())].mean():.4f}; "
-          f"remaining mean {filtersurgery.remaining_mean(model, args.target_r):.4f})")  # |gamma|
+          f"remaining mean {remaining_mean(model, args.target_r):.4f})")  # |gamma|
     for j in range(3):
         print(f"  rank {j}: {rk.location(j)} |gamma| {rk.abs_gamma[j]:.2e} scales {rk.filters(j)[:3]}")
 

@@ -1,10 +1,25 @@
-"""Helpers shared by the test files (import them with ``from conftest import ...``; fixtures by name)."""
+"""Helpers shared by the test files (import them with ``from conftest import ...``; fixtures by name).
+
+The tests mirror the package: ``tests/<layer>/`` holds the tests of ``filtersurgery/<layer>/``;
+``tests/e2e/`` the end-to-end runs (all marked ``slow``); ``tests/test_architecture.py`` and
+``tests/test_examples.py`` check the whole package, its docs and examples."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Tuple
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/e2e/`` (end-to-end: real training runs, subprocesses) is ``slow``."""
+    for item in items:
+        if "e2e" in item.path.relative_to(ROOT / "tests").parts[:1]:
+            item.add_marker(pytest.mark.slow)
 
 
 def tiny_run_args(out, *extra, epochs: str = "1") -> List[str]:

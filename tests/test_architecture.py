@@ -1,50 +1,66 @@
-"""The house rules: layers import only downwards, old module paths keep importing with a warning."""
+"""The house rules (docs/architecture.md): layers import only downwards, the engine has no import circle,
+no library file is long, the public face is small and its namespaces only gather names."""
 import ast
-import importlib
+import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
 import filtersurgery
-from filtersurgery import _compat
 
 PKG = Path(filtersurgery.__file__).parent
 # lower layers first; a module may import its own layer and any layer before it
 LAYERS = ["models", "data", "tracing", "distill", "ops", "report", "engine", "methods", "cli"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
+# the top-level modules: the package, ``python -m``, and the public namespaces (imports only)
+NAMESPACES = ["train", "reactivation", "sharing", "growth", "warmstart"]
+TOP = sorted(["__init__.py", "__main__.py"] + [f"{n}.py" for n in NAMESPACES])
 
 
-def _imports(path: Path):
-    """``(line, imported filtersurgery sub-package)`` for every import in ``path``, also inside functions,
-    and every ``"filtersurgery.X..."`` string (modules imported by name)."""
-    tree = ast.parse(path.read_text())
-    layer = path.relative_to(PKG).parts[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against the module's own package
-                base = ["filtersurgery", layer][: max(0, 3 - node.level)] if node.level <= 2 else ["filtersurgery"]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            names = [mod + "." + a.name for a in node.names] if mod == "filtersurgery" else [mod]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("filtersurgery."):
-            names = [node.value]
+def _targets(node, path: Path):
+    """The ``filtersurgery`` modules (dotted, below ``filtersurgery.``) an import node or a module-name string
+    names; ``from filtersurgery import X`` names ``X``."""
+    if isinstance(node, ast.ImportFrom):
+        if node.level:  # relative: resolve against the module's own package
+            pkg = list(path.relative_to(PKG).parent.parts)
+            base = ["filtersurgery"] + pkg[: len(pkg) - (node.level - 1)]
+            mod = ".".join(base + ([node.module] if node.module else []))
         else:
-            continue
-        for n in names:
+            mod = node.module or ""
+        return [mod + "." + a.name for a in node.names] if mod == "filtersurgery" else [mod]
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("filtersurgery."):
+        return [node.value]
+    return []
+
+
+def _imports(path: Path, depth: int = 1):
+    """``(line, first `depth` parts below filtersurgery)`` for every import in ``path``, also inside functions,
+    and every ``"filtersurgery.X..."`` string (modules imported by name)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        for n in _targets(node, path):
             parts = n.split(".")
             if parts[0] == "filtersurgery" and len(parts) > 1:
-                yield node.lineno, parts[1]
+                yield node.lineno, ".".join(parts[1: 1 + depth])
 
 
-def test_every_module_lives_in_a_layer_folder():
-    top = sorted(p.name for p in PKG.glob("*.py"))
-    assert top == ["__init__.py", "__main__.py", "_compat.py"]
+def test_every_module_lives_in_a_layer_folder_or_is_a_namespace():
+    assert sorted(p.name for p in PKG.glob("*.py")) == TOP
     assert sorted(p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+
+
+def test_tests_mirror_the_layers_and_e2e_is_slow():
+    tests = Path(__file__).resolve().parent
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    assert set(folders) <= set(LAYERS) | {"e2e"}, folders
+    assert sorted(p.name for p in tests.glob("*.py")) == ["conftest.py", "test_architecture.py", "test_examples.py"]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names))  # no __init__.py: a test module's name is its import name
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "not slow", str(tests / "e2e")],
+                       capture_output=True, text=True, cwd=tests.parent)
+    assert "no tests collected" in r.stdout and "deselected" in r.stdout, r.stdout[-500:]
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -52,7 +68,9 @@ def test_layers_import_only_downwards(layer):
     bad = []
     for path in sorted((PKG / layer).rglob("*.py")):
         for line, target in _imports(path):
-            if target in RANK and RANK[target] > RANK[layer]:
+            if target in NAMESPACES or target == "__init__":
+                bad.append(f"{path.relative_to(PKG)}:{line} imports the namespace {target} (import its module)")
+            elif target in RANK and RANK[target] > RANK[layer]:
                 bad.append(f"{path.relative_to(PKG)}:{line} imports {target}")
     assert not bad, "upward imports (" + " < ".join(LAYERS) + "):\n" + "\n".join(bad)
 
@@ -70,36 +88,66 @@ def test_layers_keep_their_sideways_rules(layer):
     assert not bad, f"{layer}/ must not import {sorted(NEVER[layer])}:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("old", sorted(_compat.OLD_PATHS))
-def test_old_module_paths_import_with_a_future_warning(old):
-    name = f"filtersurgery.{old}"
-    new = importlib.import_module(f"filtersurgery.{_compat.OLD_PATHS[old]}")
-    sys.modules.pop(name, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mod = importlib.import_module(name)
-    assert mod is new  # one object under two names: private names and monkeypatching behave the same
-    assert mod.__spec__.name == new.__name__
-    future = [w for w in caught if issubclass(w.category, FutureWarning)]
-    if old in _compat.PUBLIC:
-        assert not future
-    else:
-        assert len(future) == 1 and _compat.OLD_PATHS[old] in str(future[0].message)
+# the engine's files, in the order they may import each other (a file imports only those before it)
+ENGINE_ORDER = ["registry", "checkpoint", "distributed", "epochs", "loop", "config", "metrics", "phase", "run",
+                "trainer", "callbacks", "sparse"]
+
+
+def test_the_engine_has_no_import_circle():
+    files = sorted(p.stem for p in (PKG / "engine").glob("*.py") if p.stem != "__init__")
+    assert files == sorted(ENGINE_ORDER), "place a new engine file in ENGINE_ORDER"
+    bad = []
+    for name in ENGINE_ORDER:
+        for line, target in _imports(PKG / "engine" / f"{name}.py", depth=2):
+            other = target.split(".")[1] if target.startswith("engine.") and "." in target else None
+            if other in ENGINE_ORDER and ENGINE_ORDER.index(other) >= ENGINE_ORDER.index(name):
+                bad.append(f"engine/{name}.py:{line} imports engine/{other}.py")
+    assert not bad, "\n".join(bad)
+
+
+def test_namespaces_only_gather_names():
+    for name in NAMESPACES:
+        tree = ast.parse((PKG / f"{name}.py").read_text())
+        kinds = {type(n).__name__ for n in tree.body} - {"Import", "ImportFrom", "Expr", "Assign"}
+        assert not kinds, f"{name}.py defines {kinds}: code lives in the layers"
+        mod = getattr(filtersurgery, name)
+        assert all(hasattr(mod, n) for n in mod.__all__)
+
+
+def test_the_top_level_is_small():
+    names = [n for n in filtersurgery.__all__ if n != "__version__"]
+    assert len([n for n in names if n not in NAMESPACES + ["distill", "data"]]) <= 14, names
+    assert {"trace", "ScalingMap", "verify", "build_model", "list_cnns", "sparsify", "rescale", "rank_filters",
+            "freeze_norms", "unfreeze_norms", "TrainConfig", "multi_step"} <= set(names)
+
+
+MAX_FILE_LINES = 500
+
+
+def test_no_library_file_over_500_lines():
+    long = {str(p.relative_to(PKG)): n for p in sorted(PKG.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    assert not long, f"files over {MAX_FILE_LINES} lines (split them along their seams): {long}"
 
 
 def test_public_names_import_without_warnings():
     code = ("import warnings; warnings.simplefilter('error'); import filtersurgery as fs; "
-            "import filtersurgery.train, filtersurgery.losses, filtersurgery.data, filtersurgery.models, "
-            "filtersurgery.cli, filtersurgery.report; [getattr(fs, n) for n in fs.__all__]")
-    import subprocess
-
+            "import filtersurgery.train, filtersurgery.reactivation, filtersurgery.sharing, filtersurgery.growth, "
+            "filtersurgery.warmstart, filtersurgery.distill, filtersurgery.data; "
+            "[getattr(fs, n) for n in fs.__all__]; "
+            "[getattr(getattr(fs, m), n) for m in ('train', 'reactivation', 'sharing', 'growth', 'warmstart', "
+            "'distill') for n in getattr(fs, m).__all__]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_python_m_runs_the_command_line():
+    for mod in ("filtersurgery", "filtersurgery.cli"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "COMMAND" in r.stdout, r.stderr[-2000:]
+
+
 MAX_LINES = 60
-# functions still over MAX_LINES: (module path, name) -> why it is not split yet (none left)
-KNOWN_LONG: dict = {}
 
 
 def _long_functions():
@@ -120,25 +168,4 @@ def _long_functions():
 
 def test_no_library_function_over_60_lines():
     long = _long_functions()
-    new = {k: v for k, v in long.items() if k not in KNOWN_LONG}
-    assert not new, f"functions over {MAX_LINES} lines (split them): {new}"
-    fixed = [k for k in KNOWN_LONG if k not in long]
-    assert not fixed, f"no longer over {MAX_LINES} lines: remove {fixed} from KNOWN_LONG"
-
-
-def test_old_paths_as_attributes_and_under_python_m():
-    import subprocess
-
-    code = ("import warnings, filtersurgery as fs\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    m = fs.reinit\n"
-            "assert m.__name__ == 'filtersurgery.ops.reinit', m.__name__\n"
-            "assert [x.filename for x in w if issubclass(x.category, FutureWarning)] == ['<string>'], w  # the caller\n"
-            "try:\n    fs.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "filtersurgery.cli", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "COMMAND" in r.stdout, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "filtersurgery.zoo"], capture_output=True, text=True)
-    assert r.returncode == 0 and "FutureWarning" in r.stderr, r.stderr[-2000:]
+    assert not long, f"functions over {MAX_LINES} lines (split them): {long}"

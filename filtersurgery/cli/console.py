@@ -8,9 +8,9 @@ streams are the same with or without it.
 Duration estimate (:func:`estimate_seconds`): ``seconds per batch`` (measured) times the
 run's *batch-equivalents*: for every phase still to train, ``batches per epoch x epochs x
 cost factor`` (the factor is the phase's training FLOPs per image relative to plain
-cross-entropy training, the phase kind's ``cost_factor``: 1 for ``scratch`` /
-``finetune`` / ``sst``, 4/3 for ``sst_msl``, 4 for two-student ``aod``, 2 for ``dml``,
-``lwm`` and ``scratch2``), plus the validation pass after every epoch and the test pass
+cross-entropy training, ``Phase.cost_factor()``: 1 for ``Scratch`` /
+``FineTune`` / ``SST``, 4/3 for ``SSTMSL``, 4 for two-student ``AOD``, 2 for ``DML``,
+``LwM`` and ``Scratch2``), plus the validation pass after every epoch and the test pass
 after every step at 1/3 of a training batch per evaluated batch (a forward pass only). It
 leaves out data decoding of lazy image folders, checkpoint writes and the one-off costs of
 a step (tracing, FLOP counting), so it is a lower bound; it is printed as ``about``.
@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from filtersurgery.engine import checkpoint
-from filtersurgery.data.datasets import ImageData, split_parts
+from filtersurgery.data import ImageData, split_parts
 from filtersurgery.engine import registry
-from filtersurgery.engine.trainer import METHODS, Phase, TrainConfig, phase_kind, resume_point
-from filtersurgery.methods.multistep import plan_step
+from filtersurgery.engine.config import METHODS, TrainConfig
+from filtersurgery.engine.metrics import resume_point
+from filtersurgery.engine.phase import Phase
+from filtersurgery.methods.multistep import MultiStepConfig, plan_step
 from filtersurgery.tracing.probe import example_input, preserve_mode
 
 __all__ = ["PlannedPhase", "plan_run", "measure_batch_seconds", "estimate_seconds", "banner", "resume_line",
@@ -70,9 +72,8 @@ def batches_per_epoch(n_train: int, cfg: TrainConfig, world: int = 1) -> int:
 def _phase(cfg: TrainConfig, step: int, phase: Phase, sizes: Sequence[tuple]) -> PlannedPhase:
     n_train = sum(sizes[p][0] for p in phase.parts)
     n_val = sum(sizes[p][1] for p in phase.parts)
-    kind = phase_kind(phase.kind)
-    return PlannedPhase(step, phase.name, phase.kind, n_train, n_val, phase.epochs, batches_per_epoch(n_train, cfg),
-                        kind.cost_factor(cfg.students), models=kind.models(cfg))
+    return PlannedPhase(step, phase.name, phase.kind or type(phase).__name__, n_train, n_val, phase.epochs,
+                        batches_per_epoch(n_train, cfg), phase.cost_factor(), models=phase.models())
 
 
 def _part_sizes(y: torch.Tensor, parts: int, cfg: TrainConfig, seed: int) -> List[tuple]:
@@ -84,10 +85,12 @@ def _part_sizes(y: torch.Tensor, parts: int, cfg: TrainConfig, seed: int) -> Lis
 def plan_run(cfg: TrainConfig, data: ImageData, seed: int = 0, options=None) -> List[PlannedPhase]:
     """The phases one seed of ``cfg.method`` trains, with their sizes: a multi-step method's steps, or a
     single-run method's own plan (its :attr:`~filtersurgery.engine.registry.MethodSpec.plan`, given its
-    ``options``; empty for ``growth``, whose number of epochs is decided while it trains)."""
+    ``options``; empty for ``growth``, whose number of epochs is decided while it trains). A multi-step
+    method's ``options`` is its :class:`MultiStepConfig` (default: the defaults)."""
     if cfg.method in METHODS:
+        opts = options if isinstance(options, MultiStepConfig) else MultiStepConfig()
         sizes = _part_sizes(data.train_y, cfg.steps if cfg.split == "multi" else 2, cfg, seed)
-        return [_phase(cfg, k, ph, sizes) for k in range(1, cfg.steps + 1) for ph in plan_step(cfg, k)]
+        return [_phase(cfg, k, ph, sizes) for k in range(1, cfg.steps + 1) for ph in plan_step(cfg, opts, k)]
     spec = registry.get(cfg.method) if cfg.method in registry.names() else None
     if spec is None or spec.plan is None:
         return []

@@ -1,19 +1,18 @@
 """Command-line flags built from a method's options dataclass, and parsed flags back into it.
 
 A field declared with :func:`filtersurgery.engine.registry.option` (``flag``, ``help``,
-``choices``, ``metavar``, ``type``, ``aliases``, ``dest``) becomes one ``argparse`` argument;
+``choices``, ``metavar``, ``type``, ``dest``) becomes one ``argparse`` argument;
 :func:`add_options` adds them, :func:`options_from_args` builds the dataclass from the
-parsed namespace. Old flag names (``aliases``) keep working and warn with a FutureWarning
-naming the new flag. Fields without a ``flag`` have no flag and keep their defaults. The
-single-run methods' options and :class:`~filtersurgery.engine.trainer.TrainConfig` (the
-flags of ``filtersurgery run``) are both built this way.
+parsed namespace. Fields without a ``flag`` have no flag and keep their defaults.
+:class:`~filtersurgery.engine.config.TrainConfig`, the multi-step methods'
+``MultiStepConfig`` and each single-run method's options (the flags of ``filtersurgery run``)
+are all built this way.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from filtersurgery.engine.registry import OPTION_KEY
@@ -22,19 +21,9 @@ __all__ = ["OptionAction", "add_options", "options_from_args", "option_fields", 
 
 
 class OptionAction(argparse.Action):
-    """Stores the flag's value (``const`` for a flag without a value); an old name in ``old_names`` warns.
-
-    The FutureWarning says which flag replaces the old one; the value is stored the same way.
-    """
-
-    def __init__(self, option_strings, dest, old_names: Tuple[str, ...] = (), **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.old_names = tuple(old_names)
+    """Stores the flag's value (``const`` for a switch: a flag without a value)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if option_string in self.old_names:
-            warnings.warn(f"{option_string} is deprecated and will be removed; use {self.option_strings[0]} "
-                          f"(same meaning)", FutureWarning, stacklevel=2)
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
@@ -99,7 +88,7 @@ def _argument(cls, f: dataclasses.Field, meta: Dict[str, Any],
     default = _default(f)
     text = help if help is not None else meta["help"]
     kw: Dict[str, Any] = dict(dest=_dest(meta), default=default, help=text() if callable(text) else text,
-                              action=OptionAction, old_names=meta["aliases"])
+                              action=OptionAction)
     vtype = meta["type"] or _value_type(cls, f)
     if vtype is bool:  # a switch: giving the flag stores the opposite of the default
         kw.update(nargs=0, const=not default)
@@ -112,8 +101,8 @@ def _argument(cls, f: dataclasses.Field, meta: Dict[str, Any],
     if meta["metavar"] is not None:
         kw["metavar"] = meta["metavar"]
     elif meta["choices"] is None and kw.get("nargs") != 0:  # the metavar the flag had under its first name
-        kw["metavar"] = flag_dest((meta["aliases"] or (meta["flag"],))[0]).upper()
-    return [meta["flag"], *meta["aliases"]], kw
+        kw["metavar"] = flag_dest(meta["flag"]).upper()
+    return [meta["flag"]], kw
 
 
 def add_options(parser, cls, title: Optional[str] = None, description: Optional[str] = None, *,
@@ -123,7 +112,6 @@ def add_options(parser, cls, title: Optional[str] = None, description: Optional[
 
     ``only``/``exclude``: field names (:func:`option_fields`); ``help``: field name -> help
     text that replaces the field's own (a command that reads the option differently).
-    Each flag's old names (``aliases``) are accepted too and warn (:class:`OptionAction`).
     Returns the group (or ``parser``).
     """
     target = parser.add_argument_group(title, description) if title else parser

@@ -15,23 +15,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from filtersurgery.cli.options import add_options, option_fields, options_from_args
+from filtersurgery.cli.options import add_options, options_from_args
 from filtersurgery.engine import registry
 from filtersurgery.engine.checkpoint import LOCK_FILE, run_lock
-from filtersurgery.engine.trainer import DATA_HELP, MODEL_HELP, SINGLE_RUN_METHODS, TrainConfig, lam_value  # noqa: F401 (the help texts: importable from here, as before)
+from filtersurgery.engine.config import TrainConfig, resume_keys
+from filtersurgery.engine.registry import SINGLE_RUN_METHODS
+from filtersurgery.methods.multistep import MultiStepConfig
 
 MODEL_DATA_FIELDS = ("model", "data", "data_root", "download", "image_size")
-
-
-def lam_arg(text: str):
-    """``--lam``: ``auto`` or a number >= 0 (argparse type; kept for code that imported it from here)."""
-    try:
-        return lam_value(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-from filtersurgery.engine.trainer import resume_keys  # noqa: E402 (the settings a resume must match)
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,21 +32,30 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``filtersurgery run`` (docs/trainer.md): TrainConfig's (built from its fields' ``option``
-    metadata), ``--seeds``/``--out``, and one group per registered single-run method family."""
+    metadata), ``--seeds``/``--out``, the multi-step methods' (MultiStepConfig's) and one group per
+    registered single-run method family."""
     add_model_data_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/METHOD)")
     add_options(p, TrainConfig, exclude=MODEL_DATA_FIELDS)
     p.set_defaults(steps=None)  # None: 4 parts with --split multi, 2 with --split single (config_from_args)
+    add_options(p, MultiStepConfig, title="multi-step options",
+                description="the framework and its baselines (docs/method.md §1-4, §9)")
     for spec in registry.specs():  # one group per registered method family, built from its options dataclass
         add_options(p, spec.options, title=f"{spec.title} options", description=spec.help or None)
 
 
 def method_options(cfg: TrainConfig, args: argparse.Namespace):
-    """The options dataclass of single-run method ``cfg.method`` built from parsed ``args`` (None: multi-step)."""
+    """The options dataclass of ``cfg.method`` built from parsed ``args``: its registered options for a
+    single-run method, :class:`MultiStepConfig` for a multi-step one."""
     if cfg.method not in SINGLE_RUN_METHODS:
-        return None
+        return options_from_args(MultiStepConfig, args)
     return options_from_args(registry.get(cfg.method).options, args)
+
+
+def options_class(cfg: TrainConfig) -> type:
+    """The options dataclass of ``cfg.method`` (whose ``resume=True`` fields a resume must match too)."""
+    return registry.get(cfg.method).options if cfg.method in SINGLE_RUN_METHODS else MultiStepConfig
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -86,7 +86,12 @@ def _has_earlier_work(seed_dir: Path) -> bool:
     return seed_dir.is_dir() and any(p.is_file() and p not in skip for p in seed_dir.rglob("*"))
 
 
-def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
+def _settings(cfg: TrainConfig, options) -> Dict:
+    """The run's settings as a run folder records them: TrainConfig's and the method's options, one flat dict."""
+    return {**cfg.record(), **(asdict(options) if options is not None else {})}
+
+
+def check_out_dir(out: Path, cfg: TrainConfig, seed: int, options=None) -> None:
     """Refuse to resume into a folder that holds a run with other settings (nothing is overwritten).
 
     Compares the :func:`resume_keys` with the finished steps' ``metrics.json`` and, while a run
@@ -100,10 +105,11 @@ def check_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
         olds.append(_earlier_config(seed_dir / RUN_SETTINGS, nested=False))
     for old in olds:
         if old is not None:
-            refuse_other_settings(out, old, asdict(cfg), keys=[k for k in resume_keys() if k in old])
+            refuse_other_settings(out, old, _settings(cfg, options),
+                                  keys=[k for k in resume_keys(options_class(cfg)) if k in old])
 
 
-def claim_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
+def claim_out_dir(out: Path, cfg: TrainConfig, seed: int, options=None) -> None:
     """Record the run's :func:`resume_keys` settings in ``OUT/seedS/.work/run.json`` (removed when the seed
     finishes), so a re-run with other settings is refused even before the first ``metrics.json``."""
     from filtersurgery.engine.checkpoint import atomic_write_json, make_dir
@@ -111,8 +117,8 @@ def claim_out_dir(out: Path, cfg: TrainConfig, seed: int) -> None:
     path = out / f"seed{seed}" / RUN_SETTINGS
     make_dir(path.parent.parent)  # a folder that cannot be created: one line naming it
     make_dir(path.parent)
-    settings = asdict(cfg)
-    atomic_write_json({k: settings[k] for k in resume_keys()}, path)
+    settings = _settings(cfg, options)
+    atomic_write_json({k: settings[k] for k in resume_keys(options_class(cfg)) if k in settings}, path)
 
 
 def summarize(out: Path, seeds: List[int], method: str) -> Dict:
@@ -156,29 +162,31 @@ def _init_distributed(cfg: TrainConfig) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
-def lr_text(cfg: TrainConfig) -> str:
-    """The learning rates ``cfg.method`` trains with, in words (for the start banner)."""
+def lr_text(cfg: TrainConfig, options=None) -> str:
+    """The learning rates ``cfg.method`` trains with, in words (for the start banner); ``options``: the
+    multi-step methods' :class:`MultiStepConfig` (default: its defaults)."""
     if cfg.method in registry.training_lr_methods():  # --lr is the lr of the one training run
         return f"{cfg.lr if cfg.lr is not None else cfg.scratch_lr:g} ({registry.get(cfg.method).schedule}; --lr)"
     if cfg.method == "joint":
         return f"{cfg.scratch_lr:g} (from scratch every step)"
     if cfg.method in SINGLE_RUN_METHODS:  # a base network, then new data at the new-data lr (sharing)
         return f"new data {cfg.new_lr:g} (--lr), base network {cfg.scratch_lr:g}"
-    sst = f", SST {cfg.sst_lr:g}" if cfg.method in ("framework", "bst") else ""
-    return f"new data {cfg.step_lr:g} (--lr), step 1 {cfg.scratch_lr:g}{sst}"
+    opts = options if isinstance(options, MultiStepConfig) else MultiStepConfig()
+    sst = f", SST {opts.sst_lr:g}" if cfg.method in ("framework", "bst") else ""
+    return f"new data {opts.step_lr(cfg):g} (--lr), step 1 {cfg.scratch_lr:g}{sst}"
 
 
 def _start(cfg: TrainConfig, args: argparse.Namespace, options, data, out: Path) -> Dict:
     """Print the banner and the duration estimate; return each seed's :class:`~filtersurgery.cli.console.Resume`."""
     from filtersurgery.cli import console
-    from filtersurgery.engine.trainer import amp_dtype, resolve_device
+    from filtersurgery.engine.run import amp_dtype, resolve_device
 
     dev = resolve_device(cfg.device)
     amp = amp_dtype(cfg, dev)
     plan = console.plan_run(cfg, data, args.seeds[0], options)
     resumes = {s: console.find_resume(out / f"seed{s}", cfg) for s in args.seeds}
     lines = console.banner(cfg, data, args, out, dev, amp, plan)
-    lines.insert(2, f"  lr       {lr_text(cfg)}")
+    lines.insert(2, f"  lr       {lr_text(cfg, options)}")
     print("\n".join(lines), flush=True)
     if all(r.complete for r in resumes.values()):
         print("  estimate nothing left to train", flush=True)
@@ -211,40 +219,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     output folder) and a duration estimate first, then per seed where a re-run resumes;
     Ctrl-C prints one line saying where the state is (exit code 130).
     """
-    from filtersurgery.data.datasets import check_classes, load_dataset
+    from filtersurgery.data import check_classes, load_dataset
+    from filtersurgery.engine.distributed import is_main_process
     from filtersurgery.models.factory import build_model
-    from filtersurgery.methods.multistep import is_main_process
 
     cfg = config_from_args(args)
     cfg.validate()
     options = method_options(cfg, args)
+    if isinstance(options, MultiStepConfig):
+        options.validate()  # before any work: a refused run writes nothing
     _init_distributed(cfg)
     build_model(cfg.model, num_classes=10, in_chans=1)  # unknown model -> one-line error before any work
     out = Path(args.out or f"runs/{cfg.method}")
     for s in args.seeds:
-        check_out_dir(out, cfg, s)
+        check_out_dir(out, cfg, s, options)
     data = check_classes(load_dataset(cfg.data, root=cfg.data_root, download=cfg.download, image_size=cfg.image_size))
     with contextlib.ExitStack() as locks:
         for s in args.seeds if is_main_process() else []:  # after every check: a refused run writes nothing
             locks.enter_context(run_lock(out / f"seed{s}"))  # a second run into the same folder: refused
-            claim_out_dir(out, cfg, s)
+            claim_out_dir(out, cfg, s, options)
         return _run_seeds(cfg, args, options, data, out)
 
 
 def _run_seeds(cfg: TrainConfig, args: argparse.Namespace, options, data, out: Path) -> int:
     """Train every seed of ``cmd_run`` (banner first), print each step, then the summary."""
     from filtersurgery.cli.console import interrupted_line
-    from filtersurgery.methods.multistep import barrier, is_main_process, multi_step
+    from filtersurgery.engine.distributed import barrier, is_main_process
+    from filtersurgery.methods.multistep import multi_step
 
     seed = None
     try:
         resumes = _start(cfg, args, options, data, out) if is_main_process() else {}
         for s in args.seeds:
             seed = s
-            if options is not None:
+            if cfg.method in SINGLE_RUN_METHODS:
                 m = registry.get(cfg.method).run(cfg, options, out / f"seed{s}", s, data)
             else:
-                m = multi_step(cfg, out / f"seed{s}", seed=s, data=data)
+                m = multi_step(cfg, out / f"seed{s}", seed=s, data=data, options=options)
             _remove_empty_work(out / f"seed{s}")
             r = resumes.get(s)
             for e in m["steps"] if is_main_process() else []:
@@ -278,7 +289,7 @@ def step_text(e: Dict) -> str:
 def _remove_empty_work(seed_dir: Path) -> None:
     """Remove the ``.work/`` folder of a finished seed when nothing is left in it."""
     from filtersurgery.engine.checkpoint import remove_empty_dir
-    from filtersurgery.engine.trainer import is_main_process
+    from filtersurgery.engine.distributed import is_main_process
 
     if is_main_process():
         (seed_dir / RUN_SETTINGS).unlink(missing_ok=True)
@@ -352,9 +363,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Uses the full Fashion-MNIST when installed, else the embedded subset.
     """
     from filtersurgery.cli.console import banner, estimate_line, plan_run, timed_batch
-    from filtersurgery.data.datasets import load_dataset
+    from filtersurgery.data import load_dataset
     from filtersurgery.report.figures import accuracy_per_step
-    from filtersurgery.methods.multistep import amp_dtype, multi_step, resolve_device
+    from filtersurgery.engine.run import amp_dtype, resolve_device
+    from filtersurgery.methods.multistep import multi_step
 
     data = load_dataset("fashion-mnist", root=args.data_root, allow_demo=True)
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """``filtersurgery sweep-sharing``: the accuracy-vs-sharing curve of partial network sharing (docs/sharing.md).
 
 Trains ``sharing`` for each of ``--shares`` with
-:func:`~filtersurgery.methods.sharing.sweep_sharing` (the library function), prints the
+:func:`~filtersurgery.methods.sharing_sweep.sweep_sharing` (the library function), prints the
 sweep as a markdown table (:func:`format_table`) and the chosen share.
 """
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import Dict, List
 
 from filtersurgery.cli.options import add_options, options_from_args
 from filtersurgery.cli.run import add_model_data_arguments
-from filtersurgery.data.datasets import check_classes, load_dataset
-from filtersurgery.engine.trainer import TrainConfig
-from filtersurgery.methods.sharing import DEFAULT_SHARES, SharingConfig, class_sets_from, sweep_sharing
+from filtersurgery.data import check_classes, load_dataset
+from filtersurgery.engine.config import TrainConfig
+from filtersurgery.methods.sharing import DEFAULT_SHARES, SharingConfig, class_sets_from
+from filtersurgery.methods.sharing_sweep import sweep_sharing
 from filtersurgery.models.factory import build_model
 
 __all__ = ["cmd_sweep", "format_table", "add_parsers"]

@@ -17,7 +17,7 @@ from filtersurgery.models.factory import SOURCES, build_model, list_cnns, parse_
 from filtersurgery.tracing.probe import example_input
 from filtersurgery.tracing.scaling_map import ScalingMap, format_coverage, is_structural
 from filtersurgery.tracing.tracer import trace
-from filtersurgery.tracing.verify import VerifyResult, verify  # noqa: F401 - VerifyResult: the old path's name
+from filtersurgery.tracing.verify import verify
 
 __all__ = ["inspect_model", "add_parsers"]
 

@@ -121,7 +121,7 @@ def at_loss(feats_t: Feats, feats_s: Feats, resize: bool = True) -> torch.Tensor
 
     ``feats_t`` / ``feats_s``: the teacher's / student's block outputs, as lists (paired by
     position) or dicts (paired by name when both have the same names, else by position),
-    e.g. from :func:`filtersurgery.capture_blocks`. Widths may differ (the map is
+    e.g. from :func:`filtersurgery.distill.capture_blocks`. Widths may differ (the map is
     channel-free); batch sizes must match. When a block's spatial sizes differ, the
     larger channel-mean map ``x.pow(2).mean(1)`` is adaptive-average-pooled to the smaller
     size before flattening and normalizing; ``resize=False`` makes that a ``ValueError``.

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 TRAINING_STATE_FORMAT = "filtersurgery-training-state"
+STATE_FILE = "state.pt"  # a run folder's resumable state: OUT/seedS/.work/state.pt
 TRAINING_STATE_VERSION = 1
 _TEMP_NAME = re.compile(r"^\..*\.tmp-[0-9a-f]{8}(\.[^.]*)?$")
 

@@ -14,15 +14,15 @@ A method module in ``methods/`` registers itself at import::
 imports ``filtersurgery.methods``, so the registry is complete once the package is imported.
 The engine only reads names from here (:meth:`TrainConfig.validate`); it never imports a
 method module. The command line builds each method's flags from its options dataclass
-(``filtersurgery.cli.options``): a field's :func:`option` metadata names its flag, help,
-choices and old flag names (kept working as deprecated aliases).
+(``filtersurgery.cli.options``): a field's :func:`option` metadata names its flag, help
+and choices.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["MethodSpec", "register", "get", "names", "specs", "training_lr_methods", "option", "SINGLE_RUN_METHODS",
            "register_plan", "plan_for", "MULTI_STEP_METHODS"]
@@ -150,18 +150,19 @@ SINGLE_RUN_METHODS = _MethodModules()
 
 
 # --------------------------------------------------------------------------- multi-step methods
-_PLANS: Dict[str, Callable] = globals().get("_PLANS", {})  # multi-step name -> plan(cfg, step) -> phases (steps >= 2)
+_PLANS: Dict[str, Callable] = globals().get("_PLANS", {})  # multi-step name -> plan(cfg, options, step) -> phases (steps >= 2)
 
 
 def register_plan(name: str, plan: Callable) -> Callable:
-    """Register a multi-step method: ``plan(cfg, step) -> [Phase, ...]`` gives the phases of step
-    ``step >= 2`` (step 1, training from scratch on Data1, is the same for every method). The
-    methods of ``methods/multistep.py`` register themselves at import; a name may not be taken
-    twice (by a multi-step or a single-run method). Returns ``plan``."""
+    """Register a multi-step method: ``plan(cfg, options, step) -> [Phase, ...]`` gives the phase objects of
+    step ``step >= 2`` (``cfg``: the run's ``TrainConfig``, ``options``: its ``MultiStepConfig``; step 1,
+    training from scratch on Data1, is the same for every method). The methods of
+    ``methods/multistep/plans.py`` register themselves at import; a name may not be taken twice (by a
+    multi-step or a single-run method). Returns ``plan``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: must be a non-empty string, got {name!r}")
     if not callable(plan):
-        raise ValueError(f"plan: must be callable as plan(cfg, step), got {plan!r}")
+        raise ValueError(f"plan: must be callable as plan(cfg, options, step), got {plan!r}")
     if name in _BY_NAME or (name in _PLANS and _PLANS[name] is not plan):
         raise ValueError(f"name: method {name!r} is already registered")
     _PLANS[name] = plan
@@ -213,7 +214,7 @@ def resume_fields(cls) -> List[str]:
 
 
 def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: Union[str, Callable[[], str]] = "",
-           choices: Optional[Sequence] = None, metavar: Optional[str] = None, aliases: Sequence[str] = (),
+           choices: Optional[Sequence] = None, metavar: Optional[str] = None,
            type: Optional[Callable] = None, dest: Optional[str] = None, resume: bool = False) -> Any:
     """A dataclass field whose metadata describes its command-line flag.
 
@@ -221,8 +222,7 @@ def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, he
     allowed), or a function returning it when the parser is built (for help that lists
     registered methods); ``choices``/``metavar``/``type``: as for ``argparse.add_argument``
     (``type`` defaults to the field's annotation; a ``type`` function's one-line ValueError
-    becomes the flag's error message); ``aliases``: old flag names that keep working and warn
-    with a FutureWarning; ``dest``: the parsed attribute (default: the flag's name,
+    becomes the flag's error message); ``dest``: the parsed attribute (default: the flag's name,
     ``--my-rate`` -> ``my_rate``); ``resume``: the setting must match for a re-run to resume
     into an existing run folder. A boolean field's flag is a switch that stores the opposite
     of its default (``--no-msl`` for ``msl: bool = True``). A field without a ``flag`` has no
@@ -230,14 +230,11 @@ def option(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, he
     """
     if flag is not None and not (isinstance(flag, str) and flag.startswith("--")):
         raise ValueError(f"flag: must start with '--', got {flag!r}")
-    bad = [a for a in aliases if not (isinstance(a, str) and a.startswith("--"))]
-    if bad:
-        raise ValueError(f"aliases: each must start with '--', got {bad[0]!r}")
     if not (isinstance(help, str) or callable(help)):
         raise ValueError(f"help: must be a string or a function returning one, got {help!r}")
     if dest is not None and not (isinstance(dest, str) and dest.isidentifier()):
         raise ValueError(f"dest: must be a Python identifier, got {dest!r}")
     meta = {OPTION_KEY: {"flag": flag, "help": help, "choices": None if choices is None else tuple(choices),
-                         "metavar": metavar, "aliases": tuple(aliases), "type": type, "dest": dest,
+                         "metavar": metavar, "type": type, "dest": dest,
                          "resume": bool(resume)}}
     return dataclasses.field(default=default, metadata=meta)

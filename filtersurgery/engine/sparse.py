@@ -3,8 +3,6 @@
 The operation itself (:func:`filtersurgery.ops.sparsity.sparsify`) builds a
 :class:`~filtersurgery.ops.sparsity.Sparsifier` and trains nothing; here a ``loader``
 makes it train, through the engine's batch loop (:func:`~filtersurgery.engine.loop.sgd_batches`).
-The old module path ``filtersurgery.sparsity`` is this module: it re-exports the operation's
-public names, so ``filtersurgery.sparsity.sparsify(model, loader=...)`` keeps training.
 """
 from __future__ import annotations
 
@@ -18,10 +16,10 @@ from torch import nn
 from filtersurgery.engine.loop import sgd_batches
 from filtersurgery.ops import sparsity as _op
 from filtersurgery.ops.ranking import DEFAULT_RANKING, ModelOrMap, as_scaling_map
-from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, e_cut_of, lam_for_budget, sp_ratio  # noqa: F401
+from filtersurgery.ops.sparsity import Sparsifier
 from filtersurgery.tracing.probe import device_dtype, preserve_mode
 
-__all__ = ["Sparsifier", "SparsityConfig", "sparsify", "sp_ratio", "e_cut_of", "train_sparse", "lam_for_budget"]
+__all__ = ["sparsify", "train_sparse"]
 
 
 def train_sparse(

@@ -41,12 +41,13 @@ import torch
 from filtersurgery.engine import checkpoint
 from filtersurgery.engine.epochs import check_finite_loss, run_epochs, save_training_state
 from filtersurgery.engine.loop import sgd_batches
-from filtersurgery.engine.phases import cross_entropy_batch
 from filtersurgery.engine.registry import MethodSpec, option, register
-from filtersurgery.data.datasets import BatchLoader, ImageData
+from filtersurgery.data import BatchLoader, ImageData
 from filtersurgery.ops.growth import (GrownNet, LinearHead, frozen_stages, grow, partition, should_grow,
                      train_flops_per_image, window_angles)
-from filtersurgery.engine.trainer import Run, TrainConfig, forward_flops, make_scaler, make_sgd, write_metrics
+from filtersurgery.engine.config import TrainConfig
+from filtersurgery.engine.metrics import write_metrics
+from filtersurgery.engine.run import Run, forward_flops, make_scaler, make_sgd
 from filtersurgery.tracing.probe import example_input
 
 __all__ = ["GrowthConfig", "run_method", "run_growth", "plan"]
@@ -63,16 +64,16 @@ class GrowthConfig:
     (:func:`~filtersurgery.engine.registry.option`); ``regular`` has none."""
 
     # ws: epochs per window of the termination rule
-    window: int = option(3, flag="--growth-window", aliases=("--window",),
+    window: int = option(3, flag="--growth-window",
                          help="growth: epochs per window of the termination rule (default %(default)s)")
     # stop when alpha_i <= gamma * alpha_(i-1)
     gamma: float = option(0.5, flag="--growth-gamma",
                           help="growth: add the next sub-network when alpha_i <= gamma * alpha_(i-1) (default %(default)s)")
     # epochs of S_k + head with S_1..S_(k-1) frozen
-    lookahead_epochs: int = option(2, flag="--growth-lookahead-epochs", aliases=("--lookahead-epochs",),
+    lookahead_epochs: int = option(2, flag="--growth-lookahead-epochs",
                                    help="growth: epochs of look-ahead (new sub-network + head, earlier ones frozen) "
                                         "(default %(default)s)")
-    init: str = option("lookahead", flag="--growth-init", aliases=("--init",), choices=INITS,
+    init: str = option("lookahead", flag="--growth-init", choices=INITS,
                        help="growth: initialization of each new sub-network (default %(default)s)")
     regular: bool = False  # baseline: the full network from scratch, --epochs epochs, no rule
 
@@ -163,7 +164,7 @@ def run_growth(cfg: TrainConfig, gcfg: GrowthConfig, out_dir, seed: int = 0, dat
     run = Run(replace(cfg, split="multi", steps=1), seed, Path(out_dir), data)  # one part: all training data
     run.out.mkdir(parents=True, exist_ok=True)
     run.work.mkdir(exist_ok=True)
-    config = {**asdict(cfg), "seed": seed, "growth": asdict(gcfg)}
+    config = {**cfg.record(), "seed": seed, "growth": asdict(gcfg)}
     done = _finished(run.out, config)
     if done is not None:
         return done
@@ -318,7 +319,8 @@ def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoc
     """One epoch of CE on randomly cropped + flipped batches through the engine's batch loop
     (:func:`~filtersurgery.engine.loop.sgd_batches`); returns (summed loss, images seen)."""
     loader.set_epoch(epoch)
-    total, n = sgd_batches(itertools.islice(loader, n_batches), lambda xb, yb: cross_entropy_batch(run, net, xb, yb, gen),
+    ctx = run.context(1, "growth", [0])
+    total, n = sgd_batches(itertools.islice(loader, n_batches), lambda xb, yb: ctx.cross_entropy(net, xb, yb, gen),
                            opt, scaler=scaler, per_sample=True)
     check_finite_loss(total, f"{where} epoch {epoch + 1}".strip(), run.work / STATE_FILE)  # once per epoch
     return float(total), n

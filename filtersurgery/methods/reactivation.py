@@ -3,14 +3,14 @@
 CLI methods (``filtersurgery run --method M``), each one training run from scratch on
 the whole training set (docs/method.md §8: 10% of it held out for validation; test accuracy on the
 official test set), SGD 0.9 / wd 5e-4 / cosine lr from ``--lr`` (default 0.1, the
-paper's), via :func:`filtersurgery.train.run_phase`:
+paper's), via :func:`filtersurgery.engine.trainer.run_phase`:
 
 - ``plain``: cross-entropy training, nothing else (the paper's "baseline");
 - ``reactivation``: + :func:`~filtersurgery.ops.reactivation.reactivate_kernels` after every
   ``--reactivation-period`` E-th epoch with ``gamma_t = gamma * lr_t / lr_0`` (cosine-annealed);
 - ``weight-evolution``: + :func:`~filtersurgery.ops.weight_evolution.evolve_weights` after
   every E-th epoch;
-- ``filter-grafting``: two networks (phase kind ``scratch2``) +
+- ``filter-grafting``: two networks (the phase ``Scratch2``) +
   :func:`~filtersurgery.ops.filter_grafting.graft` after every ``--graft-period``-th epoch
   (default 1); the better network on validation is kept. Trains two models: about 2x
   the memory and compute.
@@ -21,7 +21,7 @@ batches and augmentation, so per-seed differences are paired.
 
 For users' own loops the same operations are callbacks called once per epoch with the
 current learning rate: :class:`ReactivationCallback`, :class:`WeightEvolutionCallback`,
-:class:`GraftingCallback`.
+:class:`GraftingCallback` (``engine/callbacks.py``, public as ``filtersurgery.reactivation``).
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ from torch import nn
 
 from filtersurgery.engine import checkpoint
 from filtersurgery.engine.registry import MethodSpec, option, register
-from filtersurgery.engine.callbacks import (GraftingCallback, ReactivationCallback,  # noqa: F401 - their old home
-                                            WeightEvolutionCallback, report_row)
-from filtersurgery.engine.phases import phase_kind
-from filtersurgery.engine.trainer import Phase, Run, TrainConfig, forward_flops, phase_flops, run_phase, write_metrics
+from filtersurgery.engine.callbacks import GraftingCallback, ReactivationCallback, WeightEvolutionCallback, report_row
+from filtersurgery.engine.config import TrainConfig
+from filtersurgery.engine.metrics import write_metrics
+from filtersurgery.engine.phase import Phase, Scratch, Scratch2
+from filtersurgery.engine.run import Run, forward_flops
+from filtersurgery.engine.trainer import run_phase
 from filtersurgery.ops.checks import check_fraction
 
 METHODS = ("plain", "reactivation", "weight-evolution", "filter-grafting")
@@ -57,13 +59,13 @@ class ReactivationMethodConfig:
     The field metadata names each option's ``filtersurgery run`` flag (engine/registry.py
     :func:`~filtersurgery.engine.registry.option`); ``graft_a`` and ``graft_c`` have none."""
 
-    alpha: float = option(0.2, flag="--reactivation-alpha", aliases=("--alpha",),
+    alpha: float = option(0.2, flag="--reactivation-alpha",
                           help="reactivation/WE C1: lowest fraction of filters model-wide by mean |w| (default %(default)s)")
-    beta: float = option(0.3, flag="--reactivation-beta", aliases=("--beta",),
+    beta: float = option(0.3, flag="--reactivation-beta",
                          help="reactivation/WE C2: lowest fraction of filters within their layer (default %(default)s)")
-    gamma: float = option(0.1, flag="--reactivation-gamma", aliases=("--gamma",),
+    gamma: float = option(0.1, flag="--reactivation-gamma",
                           help="reactivation C3: fraction of kernels at lr_0, annealed as gamma*lr_t/lr_0 (default %(default)s)")
-    period: int = option(10, flag="--reactivation-period", aliases=("--period",),
+    period: int = option(10, flag="--reactivation-period",
                          help="reactivation/WE every E-th epoch; scale it with --epochs (paper: 10 of 200) (default %(default)s)")
     graft_period: int = option(1, flag="--graft-period", help="filter grafting every N-th epoch (default %(default)s)")
     graft_a: float = 0.4
@@ -83,7 +85,7 @@ class ReactivationMethodConfig:
 
 # --------------------------------------------------------------------------- callbacks
 class MethodHook:
-    """``Phase.epoch_end`` of a method: builds the method's callback for the phase's models, calls it.
+    """``Phase.callback`` of a method: builds the method's callback for the phase's models, calls it.
 
     Nothing is done after the last of ``epochs`` epochs: no training would follow the
     change (kernel reactivation is a no-op there anyway, ``lr_T = 0``; a last Weight
@@ -182,9 +184,9 @@ def method_phase(cfg: TrainConfig, mcfg: ReactivationMethodConfig) -> Phase:
     if cfg.method not in METHODS:
         raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     lr = cfg.lr if cfg.lr is not None else cfg.scratch_lr
-    kind = "scratch2" if cfg.method == "filter-grafting" else "scratch"
+    kind = Scratch2 if cfg.method == "filter-grafting" else Scratch
     hook = None if cfg.method == "plain" else MethodHook(cfg.method, mcfg, lr0=lr, epochs=cfg.epochs)
-    return Phase(PHASE_NAME, kind, [0], lr, cfg.epochs, epoch_end=hook)
+    return kind(PHASE_NAME, [0], lr, cfg.epochs, callback=hook)
 
 
 def run_method(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], out_dir, seed: int, data=None) -> Dict:
@@ -221,19 +223,19 @@ def run_method(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], ou
     checkpoint.atomic_write_json(ident, opts_path)
     t0 = time.time()
     with peak_memory(run.device) as mem:
-        model = run_phase(run, 1, phase, run.new_model())
+        model, _ = run_phase(run, 1, phase, run.new_model())
     seconds = time.time() - t0
     n_train = len(run.parts[0][0])
     entry = {
         "step": 1, "test_acc": round(run.acc(model), 4), "val_acc": round(run.acc(model, [0]), 4),
         "seconds": round(seconds, 2),
-        "train_flops": phase_flops(phase, forward_flops(model, run.data, run.device), n_train, 1),
-        "phases": [phase.name], "models_trained": phase_kind(phase.kind).models(cfg),
+        "train_flops": phase.flops(forward_flops(model, run.data, run.device), n_train),
+        "phases": [phase.name], "models_trained": phase.models(),
         "peak_mem_mb": round(mem["peak_mb"], 1), "base_mem_mb": None if mem["base_mb"] is None else round(mem["base_mb"], 1),
         "mem_kind": mem["kind"], "train_images": n_train,
     }
     checkpoint.save_state_dict(model.state_dict(), ckpt)
-    config = {**asdict(cfg), "seed": seed, "lr_used": phase.lr, "method_options": opts}
+    config = {**cfg.record(), "seed": seed, "lr_used": phase.lr, "method_options": opts}
     metrics = write_metrics(out, run.data, config, [entry])
     run.drop_step_work(1)
     opts_path.unlink(missing_ok=True)  # metrics.json now holds the method options
@@ -250,7 +252,4 @@ def plan_phases(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], d
 register(MethodSpec(METHODS, ReactivationMethodConfig, run_method, plan=plan_phases,
                     help="kernel reactivation and its baselines: one training run from scratch (docs/reactivation.md)"))
 
-__all__ = [
-    "METHODS", "ReactivationMethodConfig", "ReactivationCallback", "WeightEvolutionCallback", "GraftingCallback",
-    "MethodHook", "method_phase", "run_method", "peak_memory", "report_row",
-]
+__all__ = ["METHODS", "ReactivationMethodConfig", "MethodHook", "method_phase", "run_method", "peak_memory"]

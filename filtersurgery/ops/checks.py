@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from filtersurgery.tracing.norm_kinds import is_norm
 from filtersurgery.tracing.scaling_map import ScalingMap, unwrap
 
 ModelOrMap = Union[nn.Module, ScalingMap]
@@ -25,12 +26,6 @@ def nonfinite_message(arg: str, count: int, what: str, first: str) -> str:
     verb = "is" if count == 1 else "are"
     noun = what if count == 1 else what + "s"
     return f"{arg}: {count} {noun} {verb} NaN/Inf (first: {first}); {_DIVERGED}"
-
-
-def _is_norm(m: nn.Module) -> bool:
-    from filtersurgery.tracing.tracer import norm_kind  # lazily: the tracer imports torch-pruning
-
-    return norm_kind(m) is not None
 
 
 def check_finite(model: ModelOrMap, arg: str = "model") -> None:
@@ -54,7 +49,7 @@ def check_finite(model: ModelOrMap, arg: str = "model") -> None:
             continue
         if isinstance(m, nn.Conv2d):
             groups["conv weight"].append((f"{name}.weight", w.detach()))
-        elif _is_norm(m):
+        elif is_norm(m):
             groups["scaling factor"].append((f"{name}.weight", w.detach()))
     for what, named in groups.items():
         first = first_nonfinite(named)

@@ -200,7 +200,7 @@ def partition(model: nn.Module, stage_names: Optional[Sequence[str]] = None,
               example_inputs: Optional[torch.Tensor] = None) -> Partition:
     """Split ``model`` into ``K`` sub-networks (its stages) plus its head (docs/method.md §7, paper §3).
 
-    ``stage_names`` (default :func:`filtersurgery.blocks`: timm ``feature_info`` stages,
+    ``stage_names`` (default :func:`filtersurgery.distill.blocks`: timm ``feature_info`` stages,
     torchvision's stages, else one block per resolution) name the last module of each
     sub-network. One forward pass of ``example_inputs`` (default: a fixed random batch of
     the model's input size; eval mode, no grad, modes restored, the global RNG untouched)

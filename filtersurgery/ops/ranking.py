@@ -25,12 +25,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from filtersurgery.ops.checks import (check_finite, check_target_r, first_nonfinite, fraction_count,  # noqa: F401
-                                      nonfinite_message, smallest_mask)  # (re-exported: their old home)
+from filtersurgery.ops.checks import ModelOrMap, check_target_r, nonfinite_message, smallest_mask
 from filtersurgery.tracing.scaling_map import FactorView, ScalingMap, unwrap
 
-ModelOrMap = Union[nn.Module, ScalingMap]
-_first_nonfinite, _nonfinite_message = first_nonfinite, nonfinite_message  # old private names
 RANKINGS = ("global", "per-norm")
 # the default of every operation and of the trainer: safe on any CNN (docs/operations.md, "Ranking")
 DEFAULT_RANKING = "per-norm"

@@ -72,7 +72,6 @@ class ReactivationReport:
         return "\n".join(rows)
 
 
-_check_fraction = check_fraction  # the old private name (ops/checks.py)
 
 
 def candidate_convs(model: nn.Module) -> Dict[str, nn.Conv2d]:
