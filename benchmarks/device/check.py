@@ -4,9 +4,12 @@ Run by ``benchmarks/device/check.sh`` from the repository root (it installs the 
 wheels first). Items, in priority order; every result is written to ``--out`` as soon as
 it exists, and nothing new starts past ``--deadline`` seconds from the start:
 
-  1. multi-step comparison at full size, timm resnet18 ``in_chans=1``, Fashion-MNIST
-     1:1:1:1 (13.5k training images per part), 30 epochs per phase, batch 256, seeds 0-2:
-     framework (the library's defaults), finetune(1e-2), shrink-perturb, dash.  ~420 s
+  1. multi-step comparison in the paper's regime (``--item1 paper``, the default): timm
+     resnet18 ``in_chans=1`` (over-parameterised for the data), Fashion-MNIST 1:1:1:1 with
+     1125 training + 125 validation images per part (the paper's ~112 images per class),
+     step 1 150 epochs, 60 epochs per phase, batch 64, seeds 0-2: framework (the library's
+     defaults), finetune(1e-2), shrink-perturb, dash. ``--item1 full``: the full-size parts
+     (13.5k training images each), 30 epochs per phase, batch 256 (the earlier check). ~420 s
   2. the same four methods for the CPU testbed's model (cifar:resnet8) at full size, after
      item 1.                                                          whatever is left
   extras (after item 1, while slots are free, stopped at deadline - reserve): finetune(1e-3)
@@ -60,6 +63,8 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["framework", "finetune(1e-2)", "shrink-perturb", "dash"]
 EXTRAS = ["finetune(1e-3)", "joint", "finetune(1e-2) equal FLOPs"]
+# item 1 in the paper's regime: ~112 training images per class and part, phases long enough to converge
+PAPER_REGIME = ["--subset", "1125", "--step1-epochs", "150", "--epochs", "60", "--batch-size", "64"]
 
 
 @dataclass
@@ -150,18 +155,21 @@ class Check:
             common += ["--data-root", a.data_root]
         common += ["--no-report"]
         models = {k: m for k, m in (("1", "timm:resnet18"), ("2", a.testbed_model)) if k in a.items}
+        own = {"1": PAPER_REGIME if a.item1 == "paper" and not a.dry else []}  # later flags win in argparse
         jobs: List[Job] = []
         for item, model in models.items():
             out = self.work / f"item{item}"
             for s in a.seeds:
                 jobs.append(Job(f"item{item}/step1/seed{s}", item,
-                                py + ["--model", model, "--out", str(out), "--seeds", str(s), "--step1-only"] + common))
+                                py + ["--model", model, "--out", str(out), "--seeds", str(s), "--step1-only"] + common
+                                + own.get(item, [])))
         queue = [(item, m) for item in models for m in a.methods] + [(item, m) for m in a.extras for item in models]
         for item, m in queue:
             out = self.work / f"item{item}"
             for s in a.seeds:
                 jobs.append(Job(f"item{item}/{m}/seed{s}", item if m in a.methods else "extra",
-                                py + ["--model", models[item], "--out", str(out), "--seeds", str(s), "--methods", m] + common,
+                                py + ["--model", models[item], "--out", str(out), "--seeds", str(s), "--methods", m] + common
+                                + own.get(item, []),
                                 after=f"item{item}/step1/seed{s}", meta={"model": models[item], "method": m, "seed": s,
                                                                           "dir": str(out / _slug(m) / f"seed{s}")}))
         return jobs
@@ -397,6 +405,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30, help="epochs per phase (default %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (dry: 0)")
     p.add_argument("--testbed-model", default="cifar:resnet8", help="item 2's model (default %(default)s)")
+    p.add_argument("--item1", choices=("paper", "full"), default="paper",
+                   help="item 1's regime: paper (1125 images per part, 60 epochs per phase) or full (13.5k, "
+                        "--epochs) (default %(default)s)")
     p.add_argument("--items", default="1234", help="which items to run (default all: 1234)")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help="items 1 and 2's methods, run first (default %(default)s)")
