@@ -288,7 +288,8 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             # step 1 (Data1 from scratch) is the same for every method: train it once per seed
             step1_dir = out / "_step1" / f"seed{seed}"
-            multi_step(replace(base, method="finetune"), step1_dir, seed=seed, data=data, until_step=1)
+            if not (step1_dir / "step1.safetensors").exists():  # parallel jobs of one seed only read it
+                multi_step(replace(base, method="finetune"), step1_dir, seed=seed, data=data, until_step=1)
             for name, ov in ({} if args.step1_only else variants).items():
                 ov = dict(ov)
                 x = ov.pop("_x", 1)
