@@ -7,7 +7,6 @@ would pay six times. Each example's exit code and output are then checked by its
 """
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import os

@@ -1,6 +1,4 @@
 """blocks() / capture_blocks() on the tracer issue's model list, plus hook hygiene."""
-import gc
-import weakref
 
 import pytest
 import timm

@@ -1,13 +1,11 @@
 """End-to-end: every method through 3 steps on real Fashion-MNIST (CPU-sized), artefacts,
 resume after an interruption, and an independent re-evaluation of a saved checkpoint."""
 import json
-from dataclasses import replace
 
 import pytest
 import timm
 import torch
 
-from filtersurgery import train
 
 from filtersurgery.engine import checkpoint, trainer
 from filtersurgery.data.augment import normalize
@@ -80,7 +78,7 @@ def test_checkpoint_reproduces_metrics(runs, data):
 
 def test_resume_after_interruption(tmp_path, data, monkeypatch):
     cfg = TrainConfig(method="framework", **dict(TINY, epochs=2))
-    ref = multi_step(cfg, tmp_path / "ref", seed=1, data=data)
+    multi_step(cfg, tmp_path / "ref", seed=1, data=data)
 
     calls = {"n": 0}
     real = trainer._batch_loss

@@ -9,7 +9,6 @@ accuracy, and SST targeted only those channels; the default ranking is per-norm.
 import copy
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import timm

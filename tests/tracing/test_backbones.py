@@ -5,7 +5,6 @@ import timm
 import torch
 import torchvision
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops import FrozenBatchNorm2d
 
 import filtersurgery as fs
 

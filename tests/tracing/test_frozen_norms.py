@@ -1,6 +1,5 @@
 """Frozen batch norms (torchvision FrozenBatchNorm2d, timm FrozenBatchNormAct2d): mapped, marked frozen,
 read-only / in-place operations work, gradient operations refuse; unfreeze_norms / freeze_norms."""
-import warnings
 
 import pytest
 import timm
@@ -273,7 +272,6 @@ def test_inspect_table_and_json_mark_frozen_refs():
 def test_detection_doc_example_runs():
     """The code block of docs/detection.md, as written (unfreeze, sparsify, rescale, freeze again)."""
     import re
-    from pathlib import Path
 
     text = (ROOT / "docs" / "detection.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
