@@ -113,7 +113,7 @@ def test_resume_after_interruption(tmp_path, data, monkeypatch):
 
 
 def _cli_args(out, **over):
-    opts = {"--model": "timm:resnet18", "--data": "fashion-mnist", "--steps": "2", "--method": "finetune",
+    opts = {"--model": "timm:resnet18", "--data": "demo", "--steps": "2", "--method": "finetune",
             "--epochs": "1", "--seeds": "0", "--subset": "32", "--batch-size": "16", "--max-batches": "1",
             "--device": "cpu", "--out": str(out)}
     opts.update({"--" + k.replace("_", "-"): v for k, v in over.items()})
