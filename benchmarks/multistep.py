@@ -96,8 +96,11 @@ ABLATIONS = {
     "framework no-SST": dict(method="framework", sst=False),
     "framework 1 student no-Dri": dict(method="framework", students=1, dri=False),
     "framework AOD only": dict(method="framework", students=1, dri=False, sst=False),
-    # a larger "auto" margin under MSL (2 instead of the proximal 1.5): with 1.5, SST under MSL ends at 28.6-29.5% zeros
-    "framework msl_safety=2": dict(method="framework", lam_safety_msl=2.0),
+    # the earlier "auto" margins (1.5 for both SST phases: the largest final target due at 0 after two thirds of SST)
+    "framework margins=1.5": dict(method="framework", lam_safety=1.5, lam_safety_msl=1.5),
+    # SST without the final projection of its Target_r smallest factors to exactly 0
+    "framework no-project": dict(method="framework", sst_project=False),
+    "framework sst_lr=3e-2": dict(method="framework", sst_lr=3e-2),
     # warm-start baselines: the grid their defaults were chosen from (validation, seed 0)
     "shrink-perturb(0.4,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.4, sp_noise=0.1),
     "shrink-perturb(0.8,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.8, sp_noise=0.1),

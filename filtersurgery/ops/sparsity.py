@@ -270,6 +270,25 @@ class Sparsifier:
         """Per-factor mask of score <= ``zero_tol``."""
         return self.scores() <= self.zero_tol
 
+    @torch.no_grad()
+    def project(self) -> Dict[str, float]:
+        """Set the ``ceil(Target_r * n)`` factors with the smallest score to exactly 0 (SST's end: eq. 1's goal,
+        ``Target_r`` of the factors at 0, made exact). Returns ``{"projected": how many of them were above
+        zero_tol, "projected_max": the largest score set to 0}``: both near 0 when the L1 did its work."""
+        s = self.scores()
+        k = min(self.n, math.ceil(self.target_r * self.n - 1e-9))
+        mask = torch.zeros(self.n, dtype=torch.bool, device=s.device)
+        if k > 0:
+            mask[torch.sort(s, stable=True).indices[:k]] = True
+        moved = {"projected": int((mask & (s > self.zero_tol)).sum()),
+                 "projected_max": float(s[mask].max()) if k > 0 else 0.0}
+        mask = mask.cpu()
+        for p, off, c in zip(self._params, self.factors.offsets, self._chan):
+            m = mask[off : off + c.numel()]
+            if bool(m.any()):
+                p[c[m.to(c.device)]] = 0.0
+        return moved
+
     def zero_fraction(self) -> float:
         """Fraction of the factors at or below ``zero_tol`` now (SST's goal: >= ``Target_r``)."""
         return float(self.converged().float().mean())
@@ -366,7 +385,7 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
 
     ``update="proximal"``: each of the ``steps`` steps shrinks a target by exactly ``lam``, so
     ``D = lam * steps`` and ``lam = safety * q / steps``, whatever ``lr`` and ``momentum`` are
-    (``safety = 1.5``: the largest final target reaches 0 after two thirds of the steps).
+    (``safety = 2``: the largest final target reaches 0 after half of the steps).
     """
     target_r = check_target_r(target_r)
     check_ranking(ranking)

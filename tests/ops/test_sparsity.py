@@ -113,6 +113,25 @@ def test_target_selection_is_smallest_sp_r_fraction():
     assert int(sp.useless().sum()) == 7
 
 
+def test_project_sets_the_target_r_smallest_factors_to_exactly_zero():
+    m, sm = toy()
+    sp = sparsify(sm, target_r=0.3, epochs=30, ranking="global")
+    scores = sp.scores()
+    k = math.ceil(0.3 * 24)  # 8: at least Target_r of the 24 factors, whatever the rounding
+    smallest = torch.sort(scores, stable=True).indices[:k]
+    before = {n: getattr(m, n).weight.detach().clone() for n in ("b1", "b2", "b3")}
+    moved = sp.project()
+    assert moved == {"projected": k, "projected_max": pytest.approx(float(scores[smallest].max()))}
+    after = sp.scores()
+    assert torch.all(after[smallest] == 0) and int((after == 0).sum()) == k
+    assert sp.zero_fraction() >= 0.3
+    others = torch.ones(24, dtype=torch.bool)
+    others[smallest] = False
+    assert torch.equal(after[others], scores[others])  # nothing else moved
+    assert any(not torch.equal(before[n], getattr(m, n).weight) for n in before)
+    assert sp.project() == {"projected": 0, "projected_max": 0.0}  # idempotent
+
+
 def test_early_switch():
     m, sm = toy()
     sp = sparsify(sm, target_r=0.3, epochs=30, ranking="global")

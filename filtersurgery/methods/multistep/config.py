@@ -22,7 +22,7 @@ RECIPES = ("library", "paper")
 # the multistep paper's recipe (MultiStepConfig(recipe="paper"), --recipe paper): where the library's defaults
 # depart from it (docs/method.md, "Where this library departs from the papers"); the paper's AOD lr, 1e-3, is
 # MultiStepConfig.step_lr's
-PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "refresh_bn": False,
+PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "refresh_bn": False, "sst_project": False,
                 "e_cut_fraction": 1.0 / 3.0, "at_min_size": 1}
 DASH_GRANULARITIES = ("kernel", "filter")
 
@@ -80,16 +80,20 @@ class MultiStepConfig:
              "or subgradient (the paper: lam * sign(gamma) added to the gradient) (default %(default)s)")
     lam_safety: Optional[float] = option(  # the "auto" rule's margin for SST with CE (docs/method.md §1)
         None, flag="--lam-safety", resume=True,
-        help="margin of --lam auto for SST with cross-entropy (default 1.5 proximal: the largest final target "
-             "reaches 0 after two thirds of SST; 3 subgradient)")
+        help="margin of --lam auto for SST with cross-entropy (default 2 proximal: the largest final target "
+             "reaches 0 after half of SST; 3 subgradient)")
     lam_safety_msl: Optional[float] = option(  # ... and for SST under MSL (the teacher's KL pulls back harder)
         None, flag="--lam-safety-msl", resume=True,
-        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default 1.5 proximal, 6 subgradient)")
+        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default 2 proximal, 6 subgradient)")
     refresh_bn: bool = option(  # re-estimate BN running statistics after every SST epoch (ops/normstats.py)
         True, flag="--no-refresh-bn", dest="refresh_bn", resume=True,
         help="ablation: keep the BatchNorm running statistics SST's moving factors leave behind (stale), instead "
              "of re-estimating them from the phase's training images after every SST epoch")
     refresh_bn_batches: int = 50  # at most this many training batches for the re-estimate
+    sst_project: bool = option(  # SST's last epoch ends with its Target_r smallest factors set to exactly 0
+        True, flag="--no-sst-project", dest="sst_project", resume=True,
+        help="ablation: end SST with the zeros its L1 reached, instead of setting the target_r smallest scaling "
+             "factors to exactly 0 at the end of its last epoch (before that epoch's BN re-estimate and validation)")
     e_cut_fraction: float = option(
         1.0 / 3.0, flag="--e-cut-fraction", resume=True,
         help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
@@ -137,11 +141,11 @@ class MultiStepConfig:
 
     def sst_safety(self, msl: bool) -> float:
         """The margin of ``lam="auto"`` for SST with CE (``msl=False``) or under MSL: ``lam_safety`` /
-        ``lam_safety_msl`` when set, else the update's default (proximal 1.5 and 1.5; subgradient 3 and 6)."""
+        ``lam_safety_msl`` when set, else the update's default (proximal 2 and 2; subgradient 3 and 6)."""
         v = self.lam_safety_msl if msl else self.lam_safety
         if v is not None:
             return float(v)
-        return 1.5 if self.sst_update == "proximal" else (6.0 if msl else 3.0)
+        return 2.0 if self.sst_update == "proximal" else (6.0 if msl else 3.0)
 
     def validate(self) -> "MultiStepConfig":
         """One-line ValueError naming the bad field and its allowed range; returns ``self``."""

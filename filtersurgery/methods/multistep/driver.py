@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import time
@@ -77,13 +78,16 @@ def _train_step(run: Run, opts: MultiStepConfig, step: int, model: nn.Module,
 
 def _phase_record(run: Run, step: int, phase: Phase, val_in: Optional[float]) -> Dict:
     """One phase's do-no-harm numbers for ``metrics.json``: the validation accuracy of the model it received
-    (``val_in``), its lowest and last epoch (best student), and SST's fraction of factors at zero."""
+    (``val_in``), its lowest and last epoch (best student), SST's fraction of factors at zero and what its
+    end's projection moved (``projected``, ``projected_max``: :meth:`~filtersurgery.ops.sparsity.Sparsifier.project`)."""
     rows = [r for r in _epoch_rows(run) if r.get("step") == str(step) and r.get("phase") == phase.name]
     vals = [max(float(r[k]) for k in ("val_acc0", "val_acc1") if r.get(k) not in (None, "")) for r in rows]
     rec = {"phase": phase.name, "val_in": None if val_in is None else round(val_in, 4),
            "val_min": round(min(vals), 4) if vals else None, "val_end": round(vals[-1], 4) if vals else None}
     if rows and rows[-1].get("zero_frac") not in (None, ""):
         rec["zero_frac"] = float(rows[-1]["zero_frac"])
+        extra = json.loads(rows[-1].get("extra") or "{}")
+        rec.update({k: extra[k] for k in ("projected", "projected_max") if k in extra})
     return rec
 
 

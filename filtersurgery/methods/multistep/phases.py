@@ -44,16 +44,19 @@ class SST(FineTune):
     """SST on the incoming model: CE + selective L1 on the scaling factors (docs/method.md §1); BST (network
     slimming) with ``selective=False``. Logs ``sp_r`` and ``zero_frac``; hands Dri the norm scales it ranked
     with. ``lam="auto"`` sizes the L1 to the phase's schedule (``safety``, ``momentum``: ``lam_for_budget``);
-    ``refresh_bn`` re-estimates the BN statistics after every epoch (docs/method.md, "Do no harm")."""
+    ``refresh_bn`` re-estimates the BN statistics after every epoch; ``project`` sets the ``Target_r`` smallest
+    factors to exactly 0 at the end of the last epoch, before its BN re-estimate and validation, and logs how
+    many were not yet at 0 and the largest of them (``projected``, ``projected_max``; docs/method.md, "Do no harm")."""
 
     kind = "sst"
     columns = ("sp_r", "zero_frac")
 
     def __init__(self, name: str, parts: Sequence[int], lr: float, epochs: int, *, target_r: float = 0.3,
-                 ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 1.5,
+                 ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 2.0,
                  momentum: float = 0.9, e_cut_fraction: float = 1.0 / 3.0, selective: bool = True,
-                 refresh_bn: bool = True, refresh_bn_batches: int = 50):
+                 refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True):
         super().__init__(name, parts, lr, epochs)
+        self.project, self.projected = project, None
         self.target_r, self.ranking, self.lam, self.update, self.safety = target_r, ranking, lam, update, safety
         self.momentum, self.e_cut_fraction, self.selective = momentum, e_cut_fraction, selective
         self.refresh_bn, self.refresh_bn_batches = refresh_bn, refresh_bn_batches
@@ -78,8 +81,12 @@ class SST(FineTune):
         self.sparsifier.set_epoch(epoch, self.epochs)
 
     def after_batches(self, ctx, students, epoch):
-        """Re-estimate the BN running statistics from the phase's training images (``refresh_bn``): the
+        """At the last epoch's end set the final targets to exactly 0 (``project``; SST only, not BST). Then
+        re-estimate the BN running statistics from the phase's training images (``refresh_bn``): the
         factors moved at every step, so the averages of the last batches describe another network."""
+        self.projected = None
+        if self.project and self.selective and epoch == self.epochs - 1:
+            self.projected = self.sparsifier.project()
         if self.refresh_bn:
             x = ctx.train_images()[0][: self.refresh_bn_batches * ctx.batch_size]
             bs = ctx.batch_size
@@ -91,6 +98,9 @@ class SST(FineTune):
         sp = self.sparsifier
         row["sp_r"] = round(float(sp.sp_r), 4)
         row["zero_frac"] = round(sp.zero_fraction(), 4)  # SST's goal: >= target_r
+        if self.projected is not None:  # the epochs.csv row's extra: what the end's projection moved
+            row["projected"] = self.projected["projected"]
+            row["projected_max"] = round(self.projected["projected_max"], 6)
 
     def finish(self, ctx, students):
         return {"scales": self.sparsifier.scales}  # the norm scales of SST's start, for Dri
