@@ -1,22 +1,37 @@
 """The accuracy-vs-sharing sweep of partial network sharing (paper §3.4, docs/method.md §6): ``sharing`` for each
 sharing fraction (the base network trained once and reused), ``sweep.csv``/``sweep.json``/``sweep.png``, the
 chosen configuration (the largest share whose all-class validation accuracy is within ``max_drop`` of no
-sharing) and, per configuration, the measured training cost (``report/cost.py``)."""
+sharing) and, per configuration, the measured training cost (``report/cost.py``).
+
+For comparing costs across shares, :func:`measure_side_by_side` times every configuration's branch in one
+process, interleaved (the per-run measurements of the sweep are taken at different times, under whatever
+load the machine had then); :func:`with_side_by_side_costs` puts those figures into the sweep rows and
+:func:`relative_costs` expresses them as ratios to no sharing. :func:`best_per_cost`, :func:`saving_gap` and
+:func:`time_split` summarize the result."""
 from __future__ import annotations
 
 import csv
 import statistics
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
 
 from filtersurgery.data import ImageData, load_dataset
 from filtersurgery.engine import checkpoint
 from filtersurgery.engine.config import TrainConfig
 from filtersurgery.methods.sharing import _example_batch, run_sharing
 from filtersurgery.models.factory import build_model
-from filtersurgery.ops.sharing import plan_share
+from filtersurgery.ops.sharing import plan_share, share
+from filtersurgery.report.cost import training_cost
 
-__all__ = ["sweep_sharing", "choose", "plot_sweep"]
+__all__ = ["sweep_sharing", "choose", "plot_sweep", "relative_costs", "measure_side_by_side",
+           "with_side_by_side_costs", "best_per_cost", "saving_gap", "time_split", "COST_KEYS"]
+
+#: cost column -> its ratio-to-no-sharing column (:func:`relative_costs`)
+COST_KEYS = {"train_macs_per_iter": "train_macs_rel", "sec_per_iter": "sec_per_iter_rel",
+             "peak_mem_mb": "peak_mem_rel", "trainable_params": "trainable_rel", "stored_params": "stored_rel"}
 
 
 def _share_dir(s: float) -> str:
@@ -66,7 +81,7 @@ def sweep_sharing(cfg: TrainConfig, class_sets: List[List[int]], shares: Sequenc
     per_share = _sweep_runs(cfg, class_sets, trained_as, out, seeds, data, cost)
     rows = [_sweep_row(s, plans[s], trained_as[s], per_share[s], len(class_sets), cost) for s in shares]
     if cost:
-        _relative_costs(rows)
+        relative_costs(rows)
     chosen = choose(rows, max_drop)
     for r in rows:
         r["chosen"] = int(r is chosen)
@@ -114,12 +129,139 @@ def _sweep_row(s: float, plan, trained_as: float, ms: List[Dict], n_sets: int, c
     return row
 
 
-def _relative_costs(rows: List[Dict]) -> None:
-    """Add ``train_macs_rel`` and ``sec_per_iter_rel`` (relative to the first row, no sharing) to every row."""
-    ref = rows[0]
+def relative_costs(rows: List[Dict], keys: Mapping[str, str] = COST_KEYS) -> List[Dict]:
+    """Add to every row, for each ``cost -> cost_rel`` of ``keys``, its cost as a ratio to the no-sharing
+    row's (``share == 0``), rounded to 4 digits; None where either value is missing or the reference is 0.
+    The rows are changed in place and returned."""
+    ref = next((r for r in rows if r["share"] == 0.0), None)
+    if ref is None:
+        raise ValueError("rows: no share-0 (no sharing) row to take the ratios to")
     for r in rows:
-        r["train_macs_rel"] = round(r["train_macs_per_iter"] / ref["train_macs_per_iter"], 4)
-        r["sec_per_iter_rel"] = _round(r["sec_per_iter"] / ref["sec_per_iter"] if ref["sec_per_iter"] else None, 4)
+        for k, rel in keys.items():
+            v, v0 = r.get(k), ref.get(k)
+            r[rel] = round(v / v0, 4) if v is not None and v0 else None
+    return rows
+
+
+def measure_side_by_side(base: torch.nn.Module, shares: Sequence[float], example_input: torch.Tensor,
+                         num_classes: int, rounds: int = 3, iters: int = 5, warmup: int = 1) -> Dict[float, Dict]:
+    """Training cost per iteration of a branch of ``base`` for every share, measured in this process.
+
+    One branch per share (:func:`~filtersurgery.ops.sharing.share`, a fresh ``num_classes``
+    head; the cost does not depend on the weights' values). Round 1 measures MACs, trainable
+    parameters, peak memory and time (:func:`~filtersurgery.report.cost.training_cost` on a
+    batch like ``example_input``); rounds 2.. time only, in alternating order, so that a
+    change of the machine's load spreads over all shares. ``sec_per_iter``: the median over
+    rounds of each round's median of ``iters`` iterations (``sec_per_iter_rounds``: those
+    medians). ``fwd_sec_per_iter`` (``fwd_sec_per_iter_rounds``): the same for the training-mode
+    forward pass alone, timed in every round next to the iterations. Returns ``share ->
+    {train_macs_per_iter, forward_macs_per_iter, trainable_params, sec_per_iter,
+    sec_per_iter_rounds, fwd_sec_per_iter, fwd_sec_per_iter_rounds, peak_mem_mb, peak_mem_source}``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds: must be >= 1, got {rounds}")
+    branches = {float(s): share(base, float(s), num_classes=num_classes, example_inputs=example_input[:1])
+                for s in shares}
+    out: Dict[float, Dict] = {}
+    for s, br in branches.items():
+        c = training_cost(br, example_input, num_classes, iters=iters, warmup=warmup)
+        out[s] = {"train_macs_per_iter": c.train_macs, "forward_macs_per_iter": c.forward_macs,
+                  "trainable_params": c.trainable_params, "sec_per_iter_rounds": [c.sec_per_iter],
+                  "fwd_sec_per_iter_rounds": [_forward_seconds(br, example_input, iters, warmup)],
+                  "peak_mem_mb": c.peak_mem_mb, "peak_mem_source": c.peak_mem_source}
+    order = list(branches)
+    for _ in range(rounds - 1):
+        order.reverse()
+        for s in order:
+            c = training_cost(branches[s], example_input, num_classes, iters=iters, warmup=warmup, memory=False)
+            out[s]["sec_per_iter_rounds"].append(c.sec_per_iter)
+            out[s]["fwd_sec_per_iter_rounds"].append(_forward_seconds(branches[s], example_input, iters, warmup))
+    for v in out.values():
+        v["sec_per_iter"] = statistics.median(v["sec_per_iter_rounds"])
+        v["fwd_sec_per_iter"] = statistics.median(v["fwd_sec_per_iter_rounds"])
+    return out
+
+
+def _forward_seconds(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: int) -> float:
+    """Median wall time of ``iters`` training-mode forward passes of ``model`` on ``x`` (autograd records
+    the graph, as in training; no backward). The model's modes are restored."""
+    was = {m: m.training for m in model.modules()}
+    model.train()
+    cuda = x.device.type == "cuda"
+    times = []
+    try:
+        for i in range(warmup + iters):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
+            out = model(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            del out
+    finally:
+        for m, t in was.items():
+            m.training = t
+    return statistics.median(times)
+
+
+def with_side_by_side_costs(rows: List[Dict], measured: Mapping[float, Dict]) -> List[Dict]:
+    """Copies of the sweep ``rows`` whose measured costs (MACs, trainable parameters, time per iteration,
+    peak memory) are those of ``measured[row["trained_as"]]`` (:func:`measure_side_by_side`), with
+    :func:`relative_costs` recomputed. The rows themselves are not changed."""
+    new = []
+    for r in rows:
+        m = measured.get(r["trained_as"])
+        if m is None:
+            raise ValueError(f"measured: no measurement for share {r['trained_as']:g} (row share {r['share']:g})")
+        new.append({**r, "train_macs_per_iter": m["train_macs_per_iter"], "trainable_params": m["trainable_params"],
+                    "sec_per_iter": _round(m["sec_per_iter"], 5), "peak_mem_mb": _round(m.get("peak_mem_mb"), 2)})
+    return relative_costs(new)
+
+
+def best_per_cost(rows: List[Dict], acc_key: str = "val_acc", cost_key: str = "train_macs_rel") -> Dict:
+    """The row with the highest accuracy per unit of relative training cost (``acc_key / cost_key``);
+    on a tie the smallest share (rows in share order). Rows without a positive cost are skipped."""
+    ok = [r for r in rows if r.get(cost_key)]
+    if not ok:
+        raise ValueError(f"cost_key: no row has a positive {cost_key!r}")
+    return max(ok, key=lambda r: r[acc_key] / r[cost_key])
+
+
+def saving_gap(row: Dict) -> Dict:
+    """Savings of ``row`` against no sharing, in percent: training MACs (``mac_saving``), measured time
+    per iteration (``time_saving``), peak memory (``mem_saving``, None if not measured), and
+    ``gap = mac_saving - time_saving`` (percentage points; > 0: time saves less than MACs)."""
+    if row.get("train_macs_rel") is None or row.get("sec_per_iter_rel") is None:
+        raise ValueError("row: needs train_macs_rel and sec_per_iter_rel (relative_costs)")
+    mac = 100 * (1 - row["train_macs_rel"])
+    t = 100 * (1 - row["sec_per_iter_rel"])
+    mem = None if row.get("peak_mem_rel") is None else round(100 * (1 - row["peak_mem_rel"]), 1)
+    return {"share": row["share"], "mac_saving": round(mac, 1), "time_saving": round(t, 1), "mem_saving": mem,
+            "gap": round(mac - t, 1)}
+
+
+def time_split(measured: Mapping[float, Dict]) -> Dict[float, Dict]:
+    """Where the time of an iteration goes, per share, as ratios to share 0, from
+    :func:`measure_side_by_side`'s figures: ``fwd_time_rel``/``fwd_macs_rel`` (the forward pass)
+    and ``bwd_time_rel``/``bwd_macs_rel`` (the rest of the iteration: backward and SGD update,
+    against backward MACs). Sharing leaves the forward MACs unchanged (``fwd_macs_rel`` 1), but the
+    shared prefix runs without autograd recording, so its time can drop."""
+    if 0.0 not in measured:
+        raise ValueError("measured: no share-0 (no sharing) measurement to take the ratios to")
+
+    def parts(v):
+        return (v["fwd_sec_per_iter"], v["sec_per_iter"] - v["fwd_sec_per_iter"], v["forward_macs_per_iter"],
+                v["train_macs_per_iter"] - v["forward_macs_per_iter"])
+
+    f0, b0, fm0, bm0 = parts(measured[0.0])
+    out = {}
+    for k, v in sorted(measured.items()):
+        f, b, fm, bm = parts(v)
+        out[k] = {"fwd_time_rel": round(f / f0, 4), "fwd_macs_rel": round(fm / fm0, 4),
+                  "bwd_time_rel": round(b / b0, 4), "bwd_macs_rel": round(bm / bm0, 4)}
+    return out
 
 
 def _write_sweep(out: Path, result: Dict, max_drop: float, title: str) -> None:
@@ -138,9 +280,15 @@ def _round(v, nd):
     return None if v is None else round(v, nd)
 
 
+_REL_SERIES = (("train_macs_rel", "training MACs / iter (rel.)", "green", "^"),
+               ("sec_per_iter_rel", "measured time / iter (rel.)", "purple", "v"),
+               ("peak_mem_rel", "peak memory (rel.)", "brown", "D"))
+
+
 def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -> Path:
     """Accuracy vs sharing (paper Fig. 2b / 4): all-class test and validation accuracy against the
-    shared fraction, the chosen configuration marked, normalized training MACs on a second axis."""
+    shared fraction, the chosen configuration marked, and on a second axis every relative cost the
+    rows have (training MACs, measured time per iteration, peak memory; ratios to no sharing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,12 +313,16 @@ def plot_sweep(rows: List[Dict], path, max_drop: float = 1.0, title: str = "") -
                     fontsize=7)
     ax.set_xlabel("shared conv parameters (%)")
     ax.set_ylabel("accuracy (%)")
-    if rows[0].get("train_macs_rel") is not None:
+    series = [(k, lab, c, mk) for k, lab, c, mk in _REL_SERIES if rows[0].get(k) is not None]
+    if series:
         ax2 = ax.twinx()
-        ax2.plot(x, [r["train_macs_rel"] for r in rows], color="green", marker="^", lw=0.8, alpha=0.6,
-                 label="training MACs / iter (rel.)")
-        ax2.set_ylabel("training MACs per iteration (relative to no sharing)")
-        ax2.set_ylim(0, 1.05)
+        top = 1.05
+        for k, lab, color, mk in series:
+            ys = [r.get(k) for r in rows]
+            ax2.plot(x, ys, color=color, marker=mk, lw=0.8, alpha=0.6, label=lab)
+            top = max(top, 1.05 * max(v for v in ys if v is not None))
+        ax2.set_ylabel("cost per training iteration (relative to no sharing)")
+        ax2.set_ylim(0, top)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")

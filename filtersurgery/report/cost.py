@@ -106,7 +106,7 @@ def _cpu_peak_mb(step) -> Optional[float]:
 
 
 def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Optional[int] = None,
-                  iters: int = 10, warmup: int = 2, measure: bool = True) -> TrainingCost:
+                  iters: int = 10, warmup: int = 2, measure: bool = True, memory: bool = True) -> TrainingCost:
     """Training cost of ``model`` per iteration on a batch like ``example_input`` (docs/method.md §6).
 
     MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2) on one forward and one
@@ -118,7 +118,8 @@ def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Op
     ``torch.cuda.max_memory_allocated`` (everything allocated on the device), on CPU the
     peak of the profiler's memory timeline (parameters, gradients, optimizer state,
     activations; ``None`` if the profiler cannot tell). Runs on a deep copy: the model, its
-    BatchNorm statistics and its modes are untouched.
+    BatchNorm statistics and its modes are untouched. ``memory=False``: time only (no peak
+    memory, ``peak_mem_mb`` None), for repeated timing passes.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ValueError("example_input: must be a batch tensor [B, ...]")
@@ -156,6 +157,8 @@ def training_cost(model: nn.Module, example_input: torch.Tensor, num_classes: Op
             torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - t0)
     cost.sec_per_iter = sorted(times)[len(times) // 2]
+    if not memory:
+        return cost
     if cuda:
         opt.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats(x.device)

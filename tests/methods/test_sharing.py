@@ -12,7 +12,8 @@ from filtersurgery.models.cifar_resnet import cifar_resnet
 from filtersurgery.data import load_dataset
 from filtersurgery.cli.sweep import add_parsers
 from filtersurgery.methods.sharing import class_sets_from, class_subset
-from filtersurgery.methods.sharing_sweep import choose
+from filtersurgery.methods.sharing_sweep import (best_per_cost, choose, measure_side_by_side, plot_sweep,
+                                                 relative_costs, saving_gap, time_split, with_side_by_side_costs)
 from filtersurgery.ops.branched import BranchedNet
 from filtersurgery.ops.sharing import (branch_state_dict, is_pinned, load_branch, max_prob_combine, plan_share, share,
                                       share_plan)
@@ -268,6 +269,89 @@ def test_choose_largest_share_within_drop():
     assert choose(rows, 1.0)["share"] == 0.8
     assert choose(rows, 0.1)["share"] == 0.0
     assert choose(rows, 20)["share"] == 0.9
+
+
+def _cost_rows():
+    """Sweep rows as ``sweep_sharing`` writes them (shares 0.9 and 0.99 trained once, as 0.9)."""
+    base = {"val_acc": 80.0, "test_acc": 79.0, "stored_params": 300}
+    return [{**base, "share": 0.0, "shared_fraction": 0.0, "trained_as": 0.0, "train_macs_per_iter": 1000,
+             "sec_per_iter": 2.0, "peak_mem_mb": 100.0, "trainable_params": 100},
+            {**base, "share": 0.5, "shared_fraction": 0.45, "trained_as": 0.5, "val_acc": 79.0,
+             "train_macs_per_iter": 500, "sec_per_iter": 1.2, "peak_mem_mb": None, "trainable_params": 50},
+            {**base, "share": 0.9, "shared_fraction": 0.85, "trained_as": 0.9, "val_acc": 70.0,
+             "train_macs_per_iter": 400, "sec_per_iter": 0.6, "peak_mem_mb": 40.0, "trainable_params": 10},
+            {**base, "share": 0.99, "shared_fraction": 0.85, "trained_as": 0.9, "val_acc": 70.0,
+             "train_macs_per_iter": 400, "sec_per_iter": 0.6, "peak_mem_mb": 40.0, "trainable_params": 10}]
+
+
+def test_relative_costs_are_ratios_to_share_zero():
+    rows = relative_costs(_cost_rows())
+    assert [r["train_macs_rel"] for r in rows] == [1.0, 0.5, 0.4, 0.4]
+    assert [r["sec_per_iter_rel"] for r in rows] == [1.0, 0.6, 0.3, 0.3]
+    assert [r["peak_mem_rel"] for r in rows] == [1.0, None, 0.4, 0.4]  # not measured: no ratio
+    assert rows[2]["trainable_rel"] == 0.1 and rows[2]["stored_rel"] == 1.0
+    with pytest.raises(ValueError, match="rows"):
+        relative_costs(_cost_rows()[1:])
+
+
+def test_side_by_side_costs_replace_per_run_ones_by_trained_as():
+    rows = _cost_rows()
+    m = {0.0: {"train_macs_per_iter": 1000, "trainable_params": 100, "sec_per_iter": 1.0, "peak_mem_mb": 50.0},
+         0.5: {"train_macs_per_iter": 500, "trainable_params": 50, "sec_per_iter": 0.5, "peak_mem_mb": 20.0},
+         0.9: {"train_macs_per_iter": 400, "trainable_params": 10, "sec_per_iter": 0.25, "peak_mem_mb": 10.0}}
+    side = with_side_by_side_costs(rows, m)
+    assert [r["sec_per_iter"] for r in side] == [1.0, 0.5, 0.25, 0.25]  # 0.99 gets 0.9's measurement
+    assert [r["sec_per_iter_rel"] for r in side] == [1.0, 0.5, 0.25, 0.25]
+    assert [r["peak_mem_rel"] for r in side] == [1.0, 0.4, 0.2, 0.2]
+    assert rows[0]["sec_per_iter"] == 2.0 and "sec_per_iter_rel" not in rows[0]  # the input rows are untouched
+    with pytest.raises(ValueError, match="measured"):
+        with_side_by_side_costs(rows, {0.0: m[0.0]})
+
+
+def test_best_per_cost_and_saving_gap():
+    rows = relative_costs(_cost_rows())
+    # val acc / relative MACs: 80, 158, 175, 175 -> 0.9 (the tie with 0.99 goes to the smaller share)
+    assert best_per_cost(rows)["share"] == 0.9
+    assert best_per_cost(rows, acc_key="test_acc", cost_key="sec_per_iter_rel")["share"] == 0.9
+    rows[2]["train_macs_rel"] = rows[3]["train_macs_rel"] = 0.5
+    assert best_per_cost(rows)["share"] == 0.5  # 79 / 0.5 > 70 / 0.5
+    with pytest.raises(ValueError, match="cost_key"):
+        best_per_cost(rows, cost_key="nothing")
+    g = saving_gap(relative_costs(_cost_rows())[1])
+    assert g == {"share": 0.5, "mac_saving": 50.0, "time_saving": 40.0, "mem_saving": None, "gap": 10.0}
+    g = saving_gap(relative_costs(_cost_rows())[2])
+    assert g["mac_saving"] == 60.0 and g["time_saving"] == 70.0 and g["gap"] == -10.0 and g["mem_saving"] == 60.0
+    with pytest.raises(ValueError, match="row"):
+        saving_gap(_cost_rows()[1])
+
+
+def test_time_split_against_share_zero():
+    m = {0.0: {"fwd_sec_per_iter": 1.0, "sec_per_iter": 3.0, "forward_macs_per_iter": 100, "train_macs_per_iter": 300},
+         0.5: {"fwd_sec_per_iter": 0.5, "sec_per_iter": 1.5, "forward_macs_per_iter": 100, "train_macs_per_iter": 150}}
+    sp = time_split(m)
+    assert sp[0.0] == {"fwd_time_rel": 1.0, "fwd_macs_rel": 1.0, "bwd_time_rel": 1.0, "bwd_macs_rel": 1.0}
+    assert sp[0.5] == {"fwd_time_rel": 0.5, "fwd_macs_rel": 1.0, "bwd_time_rel": 0.5, "bwd_macs_rel": 0.25}
+    with pytest.raises(ValueError, match="measured"):
+        time_split({0.5: m[0.5]})
+
+
+def test_measure_side_by_side_and_cost_plot(tmp_path):
+    base = _base()
+    x = torch.randn(4, 1, 16, 16)
+    m = measure_side_by_side(base, [0.0, 0.5, 1.0], x, 3, rounds=2, iters=1, warmup=0)
+    assert list(m) == [0.0, 0.5, 1.0]
+    assert m[0.0]["train_macs_per_iter"] > m[0.5]["train_macs_per_iter"] > m[1.0]["train_macs_per_iter"]
+    assert m[0.0]["forward_macs_per_iter"] == m[1.0]["forward_macs_per_iter"]
+    for v in m.values():
+        assert len(v["sec_per_iter_rounds"]) == len(v["fwd_sec_per_iter_rounds"]) == 2
+        assert v["sec_per_iter"] > 0 and 0 < v["fwd_sec_per_iter"]
+    assert all(not mod.training for mod in base.modules())  # the base is untouched (eval mode)
+    assert training_cost(base, x, iters=1, warmup=0, memory=False).peak_mem_mb is None
+    rows = with_side_by_side_costs([{"share": s, "shared_fraction": s, "trained_as": s, "val_acc": 50.0,
+                                     "test_acc": 49.0, "stored_params": 1, "chosen": int(s == 0.5)} for s in m], m)
+    assert (plot_sweep(rows, tmp_path / "claim.png")).stat().st_size > 1000
+    with pytest.raises(ValueError, match="rounds"):
+        measure_side_by_side(base, [0.0], x, 3, rounds=0)
 
 
 TINY = ["--data", "demo", "--model", "cifar:resnet8", "--class-sets", "4,3,3", "--epochs", "1", "--subset", "32",
