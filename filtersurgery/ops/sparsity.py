@@ -204,10 +204,19 @@ class Sparsifier:
 
     def _select(self, targets: torch.Tensor) -> None:
         """Cache ``lam * scale * mask`` per norm weight that holds at least one target (and, for the
-        proximal update, ``1 - mask``: the channels whose gradient is always kept)."""
+        proximal update, ``1 - mask``: the channels whose gradient is always kept).
+
+        Ramp-aware push: a target that is one only because ``SP_r > Target_r`` (outside the ``Target_r``
+        smallest scores now) gets ``config.lam``, not the ``lam`` the catch-up raised for the final targets,
+        so that the ramp cannot zero live factors before ``E_cut`` (timm resnet18 lost 39% of its factors
+        instead of 30% without this, docs/method.md "Do no harm")."""
         self.targets = targets.cpu()
         self._active, self._masks, self._free = [], [], []
-        push = (self.lam * self.scales).cpu()
+        lam = torch.full((self.n,), self.lam)
+        if self.lam > self.config.lam and self.sp_r > self.target_r:
+            final = smallest_mask(self.scores().cpu(), self.target_r)
+            lam[~final] = float(self.config.lam)
+        push = (lam * self.scales.cpu()).cpu()
         for i, (p, off, c) in enumerate(zip(self._params, self.factors.offsets, self._chan)):
             t = self.targets[off : off + c.numel()]
             if not bool(t.any()):

@@ -132,6 +132,30 @@ def test_project_sets_the_target_r_smallest_factors_to_exactly_zero():
     assert sp.project() == {"projected": 0, "projected_max": 0.0}  # idempotent
 
 
+def test_the_catch_up_raises_the_push_on_the_final_targets_only_during_the_ramp():
+    """Ramp-aware push: while SP_r > Target_r, a target outside the Target_r smallest scores keeps config.lam."""
+    m, sm = toy()
+    sp = fs.ops.sparsity.Sparsifier(sm, fs.ops.sparsity.SparsityConfig(
+        target_r=0.3, epochs=9, lam=1e-3, ranking="global", update="proximal", catch_up=0.5))
+    zero_grads(m)
+    for _ in range(10):
+        sp.step()  # counts the steps of epoch 0
+    sp.set_epoch(1)  # SP_r = 1 - 0.7 / 3 > Target_r: ramp targets beyond the final 30%
+    assert sp.sp_r > 0.3 and sp.lam > 1e-3  # the catch-up raised lam for the final targets
+    final = sp.useless()
+    push = torch.cat([mk[c].flatten() for mk, c in zip(sp._masks, [sp._chan[i] for i in sp._active])])
+    order = torch.cat([torch.arange(off, off + c.numel()) for i, (off, c) in
+                       enumerate(zip(sp.factors.offsets, sp._chan)) if i in sp._active])
+    per_factor = torch.zeros(24).index_put_((order,), push, accumulate=False)
+    ramp_only = sp.targets & ~final
+    assert ramp_only.any() and final.any()
+    assert torch.allclose(per_factor[final], torch.full((int(final.sum()),), sp.lam))
+    assert torch.allclose(per_factor[ramp_only], torch.full((int(ramp_only.sum()),), 1e-3))
+    assert torch.all(per_factor[~sp.targets] == 0)
+    sp.set_epoch(5)  # past E_cut: every target is a final target, all get the raised lam
+    assert sp.sp_r == 0.3 and int(sp.targets.sum()) == int(sp.useless().sum())
+
+
 def test_early_switch():
     m, sm = toy()
     sp = sparsify(sm, target_r=0.3, epochs=30, ranking="global")
