@@ -96,8 +96,10 @@ ABLATIONS = {
     "framework no-SST": dict(method="framework", sst=False),
     "framework 1 student no-Dri": dict(method="framework", students=1, dri=False),
     "framework AOD only": dict(method="framework", students=1, dri=False, sst=False),
-    # the earlier "auto" margins (1.5 for both SST phases: the largest final target due at 0 after two thirds of SST)
-    "framework margins=1.5": dict(method="framework", lam_safety=1.5, lam_safety_msl=1.5),
+    # the defaults before the projection: "auto" margins 1.5 (the largest final target due at 0 after two thirds of
+    # SST) and no projection; and with a margin of 2 under MSL only
+    "framework margins=1.5 no-project": dict(method="framework", lam_safety=1.5, lam_safety_msl=1.5, sst_project=False),
+    "framework msl_safety=2 no-project": dict(method="framework", lam_safety=1.5, lam_safety_msl=2.0, sst_project=False),
     # SST without the final projection of its Target_r smallest factors to exactly 0
     "framework no-project": dict(method="framework", sst_project=False),
     "framework sst_lr=3e-2": dict(method="framework", sst_lr=3e-2),
