@@ -394,7 +394,7 @@ def lam_for_budget(model: ModelOrMap, target_r: float, lr: float, steps: int, mo
 
     ``update="proximal"``: each of the ``steps`` steps shrinks a target by exactly ``lam``, so
     ``D = lam * steps`` and ``lam = safety * q / steps``, whatever ``lr`` and ``momentum`` are
-    (``safety = 2``: the largest final target reaches 0 after half of the steps).
+    (``safety = 1.5``: the largest final target reaches 0 after two thirds of the steps).
     """
     target_r = check_target_r(target_r)
     check_ranking(ranking)

@@ -123,7 +123,7 @@ def test_the_paper_recipe_is_a_named_preset():
     d = train.MultiStepConfig()
     assert (d.ranking, d.lam, d.sst_update, d.refresh_bn, d.sst_project, d.step_lr(train.TrainConfig())) == \
         ("per-norm", "auto", "proximal", True, True, 1e-2)
-    assert (d.sst_safety(False), d.sst_safety(True)) == (2.0, 2.0)
+    assert (d.sst_safety(False), d.sst_safety(True)) == (1.5, 2.0)
     with pytest.raises(ValueError, match="^recipe: must be one of library, paper"):
         train.MultiStepConfig(recipe="mine").validate()
 

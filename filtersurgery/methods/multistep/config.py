@@ -80,11 +80,11 @@ class MultiStepConfig:
              "or subgradient (the paper: lam * sign(gamma) added to the gradient) (default %(default)s)")
     lam_safety: Optional[float] = option(  # the "auto" rule's margin for SST with CE (docs/method.md §1)
         None, flag="--lam-safety", resume=True,
-        help="margin of --lam auto for SST with cross-entropy (default 2 proximal: the largest final target "
-             "reaches 0 after half of SST; 3 subgradient)")
+        help="margin of --lam auto for SST with cross-entropy (default 1.5 proximal: the largest final target "
+             "reaches 0 after two thirds of SST; 3 subgradient)")
     lam_safety_msl: Optional[float] = option(  # ... and for SST under MSL (the teacher's KL pulls back harder)
         None, flag="--lam-safety-msl", resume=True,
-        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default 2 proximal, 6 subgradient)")
+        help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default 2 proximal: after half of SST; 6 subgradient)")
     refresh_bn: bool = option(  # re-estimate BN running statistics after every SST epoch (ops/normstats.py)
         True, flag="--no-refresh-bn", dest="refresh_bn", resume=True,
         help="ablation: keep the BatchNorm running statistics SST's moving factors leave behind (stale), instead "
@@ -141,11 +141,14 @@ class MultiStepConfig:
 
     def sst_safety(self, msl: bool) -> float:
         """The margin of ``lam="auto"`` for SST with CE (``msl=False``) or under MSL: ``lam_safety`` /
-        ``lam_safety_msl`` when set, else the update's default (proximal 2 and 2; subgradient 3 and 6)."""
+        ``lam_safety_msl`` when set, else the update's default (proximal 1.5 and 2; subgradient 3 and 6): the
+        teacher's KL pulls the targets back harder than CE (docs/method.md, "Do no harm")."""
         v = self.lam_safety_msl if msl else self.lam_safety
         if v is not None:
             return float(v)
-        return 2.0 if self.sst_update == "proximal" else (6.0 if msl else 3.0)
+        if self.sst_update == "proximal":
+            return 2.0 if msl else 1.5
+        return 6.0 if msl else 3.0
 
     def validate(self) -> "MultiStepConfig":
         """One-line ValueError naming the bad field and its allowed range; returns ``self``."""

@@ -52,7 +52,7 @@ class SST(FineTune):
     columns = ("sp_r", "zero_frac")
 
     def __init__(self, name: str, parts: Sequence[int], lr: float, epochs: int, *, target_r: float = 0.3,
-                 ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 2.0,
+                 ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 1.5,
                  momentum: float = 0.9, e_cut_fraction: float = 1.0 / 3.0, selective: bool = True,
                  refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True):
         super().__init__(name, parts, lr, epochs)
