@@ -208,8 +208,7 @@ class Sparsifier:
 
         Ramp-aware push: a target that is one only because ``SP_r > Target_r`` (outside the ``Target_r``
         smallest scores now) gets ``config.lam``, not the ``lam`` the catch-up raised for the final targets,
-        so that the ramp cannot zero live factors before ``E_cut`` (timm resnet18 lost 39% of its factors
-        instead of 30% without this, docs/method.md "Do no harm")."""
+        so that a catch-up firing during the ramp cannot zero live factors before ``E_cut`` (docs/method.md §1)."""
         self.targets = targets.cpu()
         self._active, self._masks, self._free = [], [], []
         lam = torch.full((self.n,), self.lam)
