@@ -19,6 +19,10 @@ curve that a decaying rate would flatten by itself.
 :func:`run_growth` also runs the regular-training baseline (``regular=True``): the full
 network from scratch with the same loop for ``--epochs`` epochs (benchmarks/growth.py).
 
+:func:`epoch_curve` reads a run's validation accuracy against cumulative training FLOPs and seconds;
+:func:`first_reach` and :func:`value_at` read such a curve at an accuracy target or a budget
+(benchmarks/growth.py: the cost of reaching the full network's accuracy, accuracy at equal FLOPs).
+
 Outputs in ``out_dir``: ``metrics.json`` (one entry: final test/val accuracy, cumulative
 training FLOPs, and per stage its epochs, accuracies, inference and cumulative training
 FLOPs), ``epochs.csv``, ``stageK.safetensors`` (the grown network after stage K),
@@ -29,11 +33,12 @@ epoch (or every ``state_every`` seconds, as the trainer's phases: the engine's e
 from __future__ import annotations
 
 import contextlib
+import csv
 import itertools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,7 +55,7 @@ from filtersurgery.engine.metrics import write_metrics
 from filtersurgery.engine.run import Run, forward_flops, make_scaler, make_sgd
 from filtersurgery.tracing.probe import example_input
 
-__all__ = ["GrowthConfig", "run_method", "run_growth", "plan"]
+__all__ = ["GrowthConfig", "run_method", "run_growth", "plan", "epoch_curve", "first_reach", "value_at"]
 
 STATE_FILE = "growth_state.pt"
 INITS = ("lookahead", "random")
@@ -324,3 +329,53 @@ def _train_epoch(run: Run, net: GrownNet, opt, scaler, loader: BatchLoader, epoc
                            opt, scaler=scaler, per_sample=True)
     check_finite_loss(total, f"{where} epoch {epoch + 1}".strip(), run.work / STATE_FILE)  # once per epoch
     return float(total), n
+
+
+# --------------------------------------------------------------------------- reading the curves
+def epoch_curve(out_dir) -> Dict[str, List]:
+    """A run's ``epochs.csv`` as lists, one item per epoch in training order (look-ahead epochs included:
+    the network then is a working classifier too): ``stage``, ``phase``, ``val_acc`` (%), ``flops``
+    (cumulative training FLOPs) and ``seconds`` (cumulative measured seconds of the epochs: training +
+    validation; stage-end test passes and saves not included). A re-logged epoch counts once (its last row)."""
+    path = Path(out_dir) / "epochs.csv"
+    if not path.exists():
+        raise ValueError(f"out_dir: no epochs.csv in {out_dir}")
+    rows: Dict[Tuple[int, str, int], Dict[str, str]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows[(int(r["stage"]), r["phase"], int(r["epoch"]))] = r  # keys in first-logged order
+    out: Dict[str, List] = {"stage": [], "phase": [], "val_acc": [], "flops": [], "seconds": []}
+    total = 0.0
+    for (k, phase, _), r in rows.items():
+        total += float(r["seconds"])
+        out["stage"].append(k)
+        out["phase"].append(phase)
+        out["val_acc"].append(float(r["val_acc"]))
+        out["flops"].append(int(r["train_flops"]))
+        out["seconds"].append(round(total, 3))
+    return out
+
+
+def _check_curve(xs: Sequence[float], ys: Sequence[float]) -> None:
+    if len(xs) != len(ys):
+        raise ValueError(f"ys: must have one value per x, got {len(ys)} for {len(xs)}")
+    if any(b < a for a, b in zip(xs, xs[1:])):
+        raise ValueError("xs: must be non-decreasing (cumulative FLOPs or seconds)")
+
+
+def first_reach(xs: Sequence[float], ys: Sequence[float], target: float) -> Optional[float]:
+    """The first ``x`` at which ``y >= target`` (``xs`` cumulative, non-decreasing), else None."""
+    _check_curve(xs, ys)
+    return next((x for x, y in zip(xs, ys) if y >= target), None)
+
+
+def value_at(xs: Sequence[float], ys: Sequence[float], budget: float) -> Optional[float]:
+    """``y`` of the last point with ``x <= budget`` (what a run had reached within the budget; a run that
+    ended earlier keeps its last value), else None (its first point already costs more)."""
+    _check_curve(xs, ys)
+    got = None
+    for x, y in zip(xs, ys):
+        if x > budget:
+            break
+        got = y
+    return got

@@ -15,9 +15,14 @@ paper's), via :func:`filtersurgery.engine.trainer.run_phase`:
   (default 1); the better network on validation is kept. Trains two models: about 2x
   the memory and compute.
 
-No operation runs after the last epoch (:class:`MethodHook`). All four methods of one
-seed start from the same initial weights (FG: its first network) and see the same
-batches and augmentation, so per-seed differences are paired.
+No operation runs after the last epoch (:class:`MethodHook`). Every method's ``epochs.csv`` row also
+logs, after every epoch and before the method's operation, what reactivation would act on
+(:func:`invalid_fractions`: the fraction of filters meeting C1∧C2, of kernels meeting C3 at that
+epoch's ``gamma_t``, the median rescale ratio), so a run shows whether there is anything to
+reactivate. :func:`choose_on_validation` picks hyperparameters by validation accuracy.
+
+All four methods of one seed start from the same initial weights (FG: its first network)
+and see the same batches and augmentation, so per-seed differences are paired.
 
 For users' own loops the same operations are callbacks called once per epoch with the
 current learning rate: :class:`ReactivationCallback`, :class:`WeightEvolutionCallback`,
@@ -31,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +50,7 @@ from filtersurgery.engine.phase import Phase, Scratch, Scratch2
 from filtersurgery.engine.run import Run, forward_flops
 from filtersurgery.engine.trainer import run_phase
 from filtersurgery.ops.checks import check_fraction
+from filtersurgery.ops.reactivation import candidate_convs, invalid_filters, kernel_multipliers
 
 METHODS = ("plain", "reactivation", "weight-evolution", "filter-grafting")
 PHASE_NAME = "train"  # the same for every method: same augmentation stream per seed
@@ -90,7 +96,9 @@ class MethodHook:
     Nothing is done after the last of ``epochs`` epochs: no training would follow the
     change (kernel reactivation is a no-op there anyway, ``lr_T = 0``; a last Weight
     Evolution or grafting would only perturb the final model, and grafted layers would
-    no longer match their BatchNorm running statistics).
+    no longer match their BatchNorm running statistics). Every epoch, the last included, the
+    row also gets :func:`invalid_fractions` of the first network before the operation
+    (``gamma_t`` from ``mcfg.gamma`` and the epoch's lr), for every method, ``plain`` included.
     """
 
     def __init__(self, method: str, mcfg: ReactivationMethodConfig, lr0: float, epochs: Optional[int] = None):
@@ -115,9 +123,64 @@ class MethodHook:
         key = tuple(id(m) for m in models)
         if self._for != key:
             self._cb, self._for = self._callback(models), key
+        c = self.mcfg  # what reactivation would act on now, logged for every method (first network)
+        ratio = min(max(lr / self.lr0, 0.0), 1.0) if self.lr0 > 0 else 0.0
+        row = invalid_fractions(models[0], c.alpha, c.beta, c.gamma * ratio)
         if self._cb is None or (self.epochs is not None and epoch + 1 >= self.epochs):
-            return None
-        return report_row(self._cb(lr, epoch=epoch))
+            return row
+        return {**row, **report_row(self._cb(lr, epoch=epoch))}
+
+
+# --------------------------------------------------------------------------- diagnostics, selection
+@torch.no_grad()
+def invalid_fractions(model: nn.Module, alpha: float, beta: float, gamma_t: float) -> Dict:
+    """What :func:`~filtersurgery.ops.reactivation.reactivate_kernels` would act on now; weights untouched.
+
+    Over the candidate convs (kernels with more than one element): ``frac_c1c2``, the fraction of
+    filters meeting C1∧C2; ``frac_c3``, the fraction of kernels meeting C3 at ``gamma_t`` inside
+    those filters (kernels with L1 0, which cannot be rescaled, not counted); ``ratio_c3_median``,
+    the median rescale ratio ``Best_L1 / kernel_L1`` of those kernels (None when there are none:
+    nothing to reactivate). Fractions rounded to 6 digits, the ratio to 4.
+    """
+    for n, v in (("alpha", alpha), ("beta", beta), ("gamma_t", gamma_t)):
+        check_fraction(n, v)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    convs = candidate_convs(model)
+    masks = invalid_filters(convs, alpha, beta)
+    filters = kernels = n_c1c2 = 0
+    ratios = []
+    for name, conv in convs.items():
+        w = conv.weight
+        filters, kernels = filters + w.shape[0], kernels + w.shape[0] * w.shape[1]
+        inv = masks[name]["invalid"]
+        n_c1c2 += int(inv.sum())
+        mult, selected = kernel_multipliers(w, inv, gamma_t)
+        live = selected & (w.detach().abs().flatten(2).sum(2) > 0)
+        ratios.append(mult[live].cpu())
+    r = torch.cat(ratios) if ratios else torch.zeros(0)
+    return {"frac_c1c2": round(n_c1c2 / filters, 6) if filters else 0.0,
+            "frac_c3": round(r.numel() / kernels, 6) if kernels else 0.0,
+            "ratio_c3_median": round(float(r.median()), 4) if r.numel() else None}
+
+
+def choose_on_validation(candidates: Sequence[Tuple[object, Sequence[float]]]):
+    """The candidate whose runs have the highest mean validation accuracy; returns ``(key, mean)``.
+
+    ``candidates``: ``(key, [val_acc of each run])`` pairs, in order of preference: a tie goes to
+    the earlier one (list the paper's setting first). Test accuracy must not be passed in.
+    """
+    if not candidates:
+        raise ValueError("candidates: need at least one (key, val_accs) pair")
+    best = None
+    for key, vals in candidates:
+        vals = [float(v) for v in vals]
+        if not vals:
+            raise ValueError(f"candidates: {key!r} has no validation accuracy")
+        mean = sum(vals) / len(vals)
+        if best is None or mean > best[1]:
+            best = (key, mean)
+    return best
 
 
 # --------------------------------------------------------------------------- memory
@@ -185,7 +248,7 @@ def method_phase(cfg: TrainConfig, mcfg: ReactivationMethodConfig) -> Phase:
         raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     lr = cfg.lr if cfg.lr is not None else cfg.scratch_lr
     kind = Scratch2 if cfg.method == "filter-grafting" else Scratch
-    hook = None if cfg.method == "plain" else MethodHook(cfg.method, mcfg, lr0=lr, epochs=cfg.epochs)
+    hook = MethodHook(cfg.method, mcfg, lr0=lr, epochs=cfg.epochs)  # plain: only the invalid_fractions log
     return kind(PHASE_NAME, [0], lr, cfg.epochs, callback=hook)
 
 
@@ -252,4 +315,5 @@ def plan_phases(cfg: TrainConfig, options: Optional[ReactivationMethodConfig], d
 register(MethodSpec(METHODS, ReactivationMethodConfig, run_method, plan=plan_phases,
                     help="kernel reactivation and its baselines: one training run from scratch (docs/reactivation.md)"))
 
-__all__ = ["METHODS", "ReactivationMethodConfig", "MethodHook", "method_phase", "run_method", "peak_memory"]
+__all__ = ["METHODS", "ReactivationMethodConfig", "MethodHook", "method_phase", "run_method", "peak_memory",
+           "invalid_fractions", "choose_on_validation"]

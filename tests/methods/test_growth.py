@@ -11,7 +11,7 @@ from filtersurgery.cli.main import main as cli_main
 from filtersurgery.data import load_dataset
 from filtersurgery.ops.growth import (LinearHead, frozen_stages, grow, partition, should_grow, stop_epoch,
                                   train_flops_per_image, window_angle, window_angles)
-from filtersurgery.methods.growth import GrowthConfig, plan, run_growth
+from filtersurgery.methods.growth import GrowthConfig, epoch_curve, first_reach, plan, run_growth, value_at
 from filtersurgery.models.factory import build_model
 from filtersurgery.engine.config import TrainConfig
 
@@ -154,6 +154,34 @@ def test_termination_rule_on_a_hand_made_curve():
             should_grow(curve, **bad)
 
 
+def test_first_reach_and_value_at_read_a_curve():
+    flops, acc = [10, 20, 20, 35, 50], [40.0, 61.0, 59.0, 75.0, 74.5]
+    assert first_reach(flops, acc, 60.0) == 20 and first_reach(flops, acc, 75.0) == 35
+    assert first_reach(flops, acc, 75.1) is None and first_reach([], [], 1.0) is None
+    assert value_at(flops, acc, 5) is None  # the first epoch already costs more
+    assert value_at(flops, acc, 20) == 59.0 and value_at(flops, acc, 34.9) == 59.0
+    assert value_at(flops, acc, 1e9) == 74.5  # a run that ended earlier keeps its last value
+    with pytest.raises(ValueError, match="^ys: "):
+        first_reach([1, 2], [50.0], 10.0)
+    with pytest.raises(ValueError, match="^xs: "):
+        value_at([2, 1], [50.0, 60.0], 10.0)
+
+
+def test_epoch_curve_reads_epochs_csv(tmp_path):
+    head = "stage,phase,epoch,lr,train_loss,val_acc,angle,train_flops,seconds\n"
+    rows = ["1,train,1,0.1,2.0,40.0,,100,1.5", "1,train,2,0.1,1.5,50.0,3.0,200,1.5",
+            "2,lookahead,1,0.1,1.2,55.0,,260,1.0", "2,lookahead,1,0.1,1.2,56.0,,260,1.25",  # re-logged: last row
+            "2,train,1,0.1,1.0,60.0,,400,2.0"]
+    (tmp_path / "epochs.csv").write_text(head + "\n".join(rows) + "\n")
+    c = epoch_curve(tmp_path)
+    assert c["stage"] == [1, 1, 2, 2] and c["phase"] == ["train", "train", "lookahead", "train"]
+    assert c["val_acc"] == [40.0, 50.0, 56.0, 60.0] and c["flops"] == [100, 200, 260, 400]
+    assert c["seconds"] == [1.5, 3.0, 4.25, 6.25]
+    assert first_reach(c["flops"], c["val_acc"], 55.5) == 260
+    with pytest.raises(ValueError, match="^out_dir: "):
+        epoch_curve(tmp_path / "missing")
+
+
 def test_plan():
     assert plan(3, GrowthConfig()) == [(1, "train"), (2, "lookahead"), (2, "train"), (3, "lookahead"), (3, "train")]
     assert plan(3, GrowthConfig(init="random")) == [(1, "train"), (2, "train"), (3, "train")]
@@ -229,6 +257,8 @@ def test_regular_baseline_trains_the_full_network_for_all_epochs(tmp_path, demo)
     e = m["steps"][0]
     assert [(s["k"], s["epochs"], s["stopped"]) for s in e["stages"]] == [(3, 2, "cap")]
     assert e["init"] == "regular"
+    c = epoch_curve(tmp_path / "reg")  # what the benchmark reads back
+    assert c["flops"][-1] == e["train_flops"] and c["val_acc"][-1] == pytest.approx(e["val_acc"], abs=1e-3)
 
 
 def test_cli_growth_run(tmp_path, capsys):

@@ -17,7 +17,7 @@ from filtersurgery.models.cifar_resnet import cifar_resnet
 from filtersurgery.cli.main import main as cli_main
 from filtersurgery.ops.filter_grafting import graft, graft_coefficient, layer_entropy, paired_layers
 from filtersurgery.engine.callbacks import GraftingCallback, ReactivationCallback, WeightEvolutionCallback
-from filtersurgery.methods.reactivation import ReactivationMethodConfig
+from filtersurgery.methods.reactivation import ReactivationMethodConfig, choose_on_validation, invalid_fractions
 from filtersurgery.ops.reactivation import reactivate_kernels
 from filtersurgery.ops.weight_evolution import evolve_weights
 
@@ -74,6 +74,46 @@ def test_selection_matches_brute_force_c1_c2_c3(alpha, beta, gamma, lr_ratio):
     for n, f, i in want:  # rescaled to the filter's best kernel L1, weight ratios kept
         best = before[n][f].abs().flatten(1).sum(1).max()
         assert float(getattr(m, n).weight.detach()[f, i].abs().sum()) == pytest.approx(float(best), rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha,beta,gamma_t", [(0.2, 0.3, 0.1), (0.5, 0.5, 0.5), (1.0, 1.0, 0.4)])
+def test_invalid_fractions_match_brute_force_and_change_nothing(alpha, beta, gamma_t):
+    m = mixed_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    got = invalid_fractions(m, alpha, beta, gamma_t)
+    convs = [c for c in m if c.kernel_size != (1, 1)]
+    n_filters, n_kernels = sum(c.out_channels for c in convs), sum(c.weight.shape[0] * c.weight.shape[1] for c in convs)
+    kernels = brute_force_kernels(m, alpha, beta, gamma_t)
+    filters = {(n, f) for n, f, _ in brute_force_kernels(m, alpha, beta, 1.0)}
+    assert got["frac_c1c2"] == pytest.approx(len(filters) / n_filters, abs=1e-6)
+    assert got["frac_c3"] == pytest.approx(len(kernels) / n_kernels, abs=1e-6) and kernels
+    w = {n: c.weight.detach() for n, c in m.named_children()}
+    ratios = torch.tensor(sorted(float(w[n][f].abs().flatten(1).sum(1).max() / w[n][f, i].abs().sum())
+                                 for n, f, i in kernels))
+    assert got["ratio_c3_median"] == pytest.approx(float(ratios.median()), abs=1e-3)  # torch: the lower middle
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert got["frac_c3"] * n_kernels == pytest.approx(reactivate_kernels(m, alpha, beta, gamma_t).kernels, abs=1e-3)
+
+
+def test_invalid_fractions_nothing_to_reactivate_and_bad_inputs():
+    m = mixed_model()
+    got = invalid_fractions(m, 0.2, 0.3, 0.0)  # gamma_t 0 (lr 0): C3 empty
+    assert got["frac_c1c2"] > 0 and got["frac_c3"] == 0 and got["ratio_c3_median"] is None
+    assert invalid_fractions(nn.Sequential(nn.Conv2d(3, 4, 1)), 0.2, 0.3, 0.1) == \
+        {"frac_c1c2": 0.0, "frac_c3": 0.0, "ratio_c3_median": None}  # 1x1 only: no candidates
+    with pytest.raises(ValueError, match=r"^gamma_t: "):
+        invalid_fractions(m, 0.2, 0.3, 1.5)
+    with pytest.raises(ValueError, match=r"^model: "):
+        invalid_fractions("net", 0.2, 0.3, 0.1)
+
+
+def test_choose_on_validation_mean_and_ties():
+    assert choose_on_validation([("a", [80.0, 82.0]), ("b", [83.0]), ("c", [79.0, 90.0])]) == ("c", 84.5)
+    assert choose_on_validation([((0.1, 10), [81.0]), ((0.3, 10), [81.0])]) == ((0.1, 10), 81.0)  # tie: the first
+    with pytest.raises(ValueError, match=r"^candidates: "):
+        choose_on_validation([])
+    with pytest.raises(ValueError, match=r"^candidates: "):
+        choose_on_validation([("a", [])])
 
 
 def test_reactivation_callback_follows_cosine_lr_and_skips_1x1():
@@ -256,10 +296,12 @@ def test_cli_method_writes_metrics(cli_runs, method):
     assert m["config"]["method"] == method and m["config"]["method_options"]["alpha"] == 0.2
     assert (d / "step1.safetensors").exists() and not (d / ".work" / "state.pt").exists()
     log = _log(d)
-    assert len(log) == 2 and log[1] == {}  # nothing after the last epoch
+    diag = {"frac_c1c2", "frac_c3", "ratio_c3_median"}  # every epoch, every method
+    assert len(log) == 2 and set(log[1]) == diag  # no operation after the last epoch
+    assert 0 < log[0]["frac_c1c2"] <= 0.2 and 0 <= log[0]["frac_c3"] <= 1
     key = {"plain": None, "reactivation": "react_kernels", "weight-evolution": "we_weights",
            "filter-grafting": "graft_layers"}[method]
-    assert (log[0] == {}) if key is None else log[0][key] > 0
+    assert (set(log[0]) == diag) if key is None else log[0][key] > 0
 
 
 def test_cli_reactivation_noop_equals_plain(cli_runs):
