@@ -81,13 +81,13 @@ def fraction_count(frac: float, n: int) -> int:
     return int(math.floor(frac * n + 0.5))
 
 
-def smallest_mask(values: torch.Tensor, frac: float) -> torch.Tensor:
-    """Boolean mask of the ``fraction_count(frac, n)`` smallest entries of ``values``.
+def smallest_mask(values: torch.Tensor, frac: float, k: Optional[int] = None) -> torch.Tensor:
+    """Boolean mask of the ``fraction_count(frac, n)`` smallest entries of ``values`` (``k``: that many instead).
 
     Ties are broken by index (stable sort), so the selection is deterministic.
     """
     n = values.numel()
-    k = fraction_count(frac, n)
+    k = fraction_count(frac, n) if k is None else min(int(k), n)
     mask = torch.zeros(n, dtype=torch.bool, device=values.device)
     if k > 0:
         order = torch.sort(values, stable=True).indices

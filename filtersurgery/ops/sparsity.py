@@ -215,7 +215,7 @@ class Sparsifier:
         if self.lam > self.config.lam and self.sp_r > self.target_r:
             final = smallest_mask(self.scores().cpu(), self.target_r)
             lam[~final] = float(self.config.lam)
-        push = (lam * self.scales.cpu()).cpu()
+        push = lam * self.scales.cpu()
         for i, (p, off, c) in enumerate(zip(self._params, self.factors.offsets, self._chan)):
             t = self.targets[off : off + c.numel()]
             if not bool(t.any()):
@@ -284,10 +284,8 @@ class Sparsifier:
         ``Target_r`` of the factors at 0, made exact). Returns ``{"projected": how many of them were above
         zero_tol, "projected_max": the largest score set to 0}``: both near 0 when the L1 did its work."""
         s = self.scores()
-        k = min(self.n, math.ceil(self.target_r * self.n - 1e-9))
-        mask = torch.zeros(self.n, dtype=torch.bool, device=s.device)
-        if k > 0:
-            mask[torch.sort(s, stable=True).indices[:k]] = True
+        k = math.ceil(self.target_r * self.n - 1e-9)
+        mask = smallest_mask(s, self.target_r, k)
         moved = {"projected": int((mask & (s > self.zero_tol)).sum()),
                  "projected_max": float(s[mask].max()) if k > 0 else 0.0}
         mask = mask.cpu()
