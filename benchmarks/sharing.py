@@ -18,15 +18,15 @@ Paper-like CIFAR-100 (50 base classes, then 10, 20, 20):
         --epochs 30 --seeds 0 1 2 --out runs/bench_sharing_c100
 CPU-sized (labelled as such in the output; ~15-25 min on 2 shared cores):
     python benchmarks/sharing.py --cpu-small --out runs/bench_sharing_cpu
-CPU-sized for the cost claim (labelled "CPU-claim"; cifar:resnet20, 6 epochs, 4000 images per class set,
-2000 test images, batch 128, 1 thread, seeds 0 1 2, no class-finetune baseline):
+CPU-sized for the cost claim (labelled "CPU-claim"; cifar:resnet20, 6 epochs, 2000 images per class set,
+2000 test images, batch 128, 1 thread, seeds 0 1 2, branch lr chosen on seed 0, no class-finetune baseline):
     python benchmarks/sharing.py --cpu-claim --out runs/bench_sharing_claim
-  Estimated ~41 min for the 3 seeds (budget: 60 min on 2 cores). Basis: the same benchmark timed for one
-  seed at 2 epochs x 1500 images per set (10 iterations per epoch) with --no-finetune, 1 thread, nice 19,
-  while another benchmark loaded both cores: 83 s in training steps (progress.json), ~105 s of per-seed
-  overhead (data loading, per-run cost measurement, evaluation) and 43 s of side-by-side timing. Training
-  scales with iterations: 6 epochs x 28 iterations = 168 per set-run, 8.4x the timed run -> ~700 s per seed;
-  3 x (700 + 105) + ~60 s ~= 2480 s. On an idle machine it should be shorter.
+  Sized from a first attempt at 4000 images per set, which trained at ~2.4 s per iteration with the
+  reactivation benchmark's two runs on the same 2 cores (a 6-epoch set-run at share 0 took 390-465 s, ~3.5x
+  the earlier estimate) and was stopped. Per seed: the base, two share-0 class sets, four distinct shared
+  prefixes (0.99 shares what 0.9 shares in resnet20) x two sets at ~0.35 of share 0's time per iteration,
+  plus the second lr on seed 0: ~20 set-runs of 84 iterations. Measured: 1264 s (21 min) for the 3 seeds,
+  side-by-side timing included, with the reactivation benchmark's two runs on the same 2 cores (2026-12-03).
 
 Every run resumes: re-running a command reuses each finished network (``progress.json`` and the step
 checkpoints of every share/seed folder; an interrupted run continues at its next class set) and only
@@ -62,7 +62,7 @@ from filtersurgery.tracing.probe import example_input
 
 CPU_SMALL = dict(model="cifar:resnet20", epochs=4, subset=1500, test_subset=2000, batch_size=128, device="cpu",
                  seeds=[0], threads=1)
-CPU_CLAIM = dict(model="cifar:resnet20", epochs=6, subset=4000, test_subset=2000, batch_size=128, device="cpu",
+CPU_CLAIM = dict(model="cifar:resnet20", epochs=6, subset=2000, test_subset=2000, batch_size=128, device="cpu",
                  seeds=[0, 1, 2], threads=1, no_finetune=True)  # sized in the module docstring
 
 
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES))
     p.add_argument("--max-drop", type=float, default=1.0)
     p.add_argument("--lr-grid", default="1e-3,1e-2", help="branch/fine-tuning lrs tried at share 0 (chosen on val)")
+    p.add_argument("--select-seed", type=int, default=None,
+                   help="the seed on which --lr-grid is tried (default: the first of --seeds)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--subset", type=int, default=None, help="training images per class set")
@@ -114,16 +116,17 @@ def main(argv=None) -> int:
 
     # 1. the branch lr, chosen on validation at share 0 (the no-sharing reference)
     lrs = [float(v) for v in args.lr_grid.split(",") if v]
+    select = args.seeds[0] if args.select_seed is None else args.select_seed
     val = {}
     for lr in lrs:
         accs = []
-        for seed in args.seeds:
+        for seed in [select]:
             first = out / f"lr{lrs[0]:g}" / "share0.00" / f"seed{seed}" / "step1.safetensors"
             m = run_sharing(replace(cfg, lr=lr), sets, 0.0, out / f"lr{lr:g}" / "share0.00" / f"seed{seed}", seed, data,
                             base_from=None if lr == lrs[0] else first)
             accs.append(m["steps"][0]["val_acc"])
         val[lr] = statistics.fmean(accs)
-        print(f"lr {lr:g}: no-sharing all-class val acc {val[lr]:.2f}", flush=True)
+        print(f"lr {lr:g}: no-sharing all-class val acc {val[lr]:.2f} (seed {select})", flush=True)
     lr = max(lrs, key=lambda v: val[v])
     print(f"chosen lr (validation): {lr:g}", flush=True)
 
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
              f"`python benchmarks/sharing.py {' '.join(sys.argv[1:] if argv is None else argv)}` — {args.model}, "
              f"{data.name}, class sets {[len(s) for s in sets]}, {args.epochs} epochs per network, "
              f"{args.subset or 'all'} training images per set, {len(data.test_y)} test images, seeds {args.seeds}, "
-             f"branch lr {lr:g} (chosen on validation from {lrs}), device {cfg.device}, "
+             f"branch lr {lr:g} (chosen on seed {select}'s validation from {lrs}), device {cfg.device}, "
              f"{torch.get_num_threads()} thread(s).", "",
              "### Accuracy vs sharing (all-class accuracy of the updated network; per-set = within the set)", "",
              format_table(rows), "",
