@@ -117,15 +117,12 @@ def main(argv=None) -> int:
     # 1. the branch lr, chosen on validation at share 0 (the no-sharing reference)
     lrs = [float(v) for v in args.lr_grid.split(",") if v]
     select = args.seeds[0] if args.select_seed is None else args.select_seed
+    first = out / f"lr{lrs[0]:g}" / "share0.00" / f"seed{select}" / "step1.safetensors"
     val = {}
     for lr in lrs:
-        accs = []
-        for seed in [select]:
-            first = out / f"lr{lrs[0]:g}" / "share0.00" / f"seed{seed}" / "step1.safetensors"
-            m = run_sharing(replace(cfg, lr=lr), sets, 0.0, out / f"lr{lr:g}" / "share0.00" / f"seed{seed}", seed, data,
-                            base_from=None if lr == lrs[0] else first)
-            accs.append(m["steps"][0]["val_acc"])
-        val[lr] = statistics.fmean(accs)
+        m = run_sharing(replace(cfg, lr=lr), sets, 0.0, out / f"lr{lr:g}" / "share0.00" / f"seed{select}", select, data,
+                        base_from=None if lr == lrs[0] else first)
+        val[lr] = m["steps"][0]["val_acc"]
         print(f"lr {lr:g}: no-sharing all-class val acc {val[lr]:.2f} (seed {select})", flush=True)
     lr = max(lrs, key=lambda v: val[v])
     print(f"chosen lr (validation): {lr:g}", flush=True)
