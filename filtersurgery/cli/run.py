@@ -298,7 +298,7 @@ def _remove_empty_work(seed_dir: Path) -> None:
 
 # the demo's TrainConfig flags: its own defaults (the CPU testbed at a 5-minute size) and the help of those
 # it reads its own way
-_DEMO_DEFAULTS = dict(model="cifar:resnet8", steps=4, epochs=3, subset=3000)
+_DEMO_DEFAULTS = dict(model="cifar:resnet8", steps=4, epochs=5, subset=3000)
 _DEMO_HELP = {"steps": "number of steps/data parts (default %(default)s)",
               "epochs": "epochs per phase; step 1 gets twice as many (default %(default)s)",
               "subset": "training images per data part (default %(default)s; the embedded subset has 1350)",

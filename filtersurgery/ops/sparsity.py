@@ -295,6 +295,12 @@ class Sparsifier:
                 p[c[m.to(c.device)]] = 0.0
         return moved
 
+    def final_targets_converged(self) -> bool:
+        """True when the ``ceil(Target_r * n)`` factors with the smallest score are all at or below ``zero_tol``
+        (:meth:`project` would then move none that the L1 had not already brought to 0)."""
+        k = math.ceil(self.target_r * self.n - 1e-9)
+        return k == 0 or float(torch.sort(self.scores()).values[k - 1]) <= self.zero_tol
+
     def zero_fraction(self) -> float:
         """Fraction of the factors at or below ``zero_tol`` now (SST's goal: >= ``Target_r``)."""
         return float(self.converged().float().mean())

@@ -101,9 +101,10 @@ def test_plan_and_estimate_count_phase_costs():
     assert all(p.train_images == 100 and p.batches == 10 for p in plan)
     factors = {p.kind: p.factor for p in plan}
     assert factors["scratch"] == 1 and factors["aod"] == 4 and factors["sst_msl"] == pytest.approx(4 / 3)
-    # 1 s per batch: 2 epochs x 10 batches x (1 + 1 + 4 + 4/3 + 4), plus validation and test passes
+    assert [p.kind for p in plan if p.name == "sst"] == ["sst_msl", "sst_msl"]  # step 2's SST too: msl_step2
+    # 1 s per batch: 2 epochs x 10 batches x (1 + 4/3 + 4 + 4/3 + 4), plus validation and test passes
     sec = console.estimate_seconds(plan, 1.0, cfg, n_test=0)
-    assert 20 * (10 + 4 / 3) <= sec < 20 * (10 + 4 / 3) + 10
+    assert 20 * (9 + 8 / 3) <= sec < 20 * (9 + 8 / 3) + 10
     assert console.format_duration(40) == "40 s" and console.format_duration(600) == "10 min"
     assert console.format_duration(3 * 3600) == "3.0 h"
 

@@ -164,6 +164,10 @@ def test_sst_does_no_harm_to_the_incoming_model(model, epochs, step1_epochs, tmp
     assert sst["val_in"] == pytest.approx(incoming) and sst["val_min"] == min(vals)
     assert sst["zero_frac"] == float(rows[-1]["zero_frac"])
     assert (sst["projected"], sst["projected_max"]) == (moved["projected"], moved["projected_max"])
+    # SST hands on its best epoch among those that end with Target_r of the factors at 0
+    feasible = [float(r["val_acc0"]) for r in rows if float(r["zero_frac"]) >= 0.3]
+    assert (sst["kept_epoch"], sst["val_out"]) == (moved["kept_epoch"], moved["kept_val"])
+    assert sst["val_out"] == max(feasible) >= vals[-1] and sst["val_out"] >= incoming - 3
     assert step2["val_in"] is not None and "worse" in step2
 
 
@@ -173,3 +177,71 @@ def test_the_paper_recipe_still_collapses_on_the_demo_data(tmp_path, one_thread)
     the trainer ran it before) drops SST's first epoch to chance."""
     step1, _, rows = _framework_step2("cifar:resnet8", tmp_path, 3, 6, sst_update="subgradient", refresh_bn=False)
     assert float(rows[0]["val_acc0"]) < step1["val_acc"] - 30
+
+
+# --------------------------------------------------------------------------- SST hands on its best feasible epoch
+def _sst_epochs(keep, vals, feasible_from, project=True):
+    """Drive an SST phase over ``len(vals)`` epochs of a Toy model by hand (no training): epoch ``e`` marks the
+    model with ``fc.bias = e``, brings the final targets to 0 from epoch ``feasible_from`` on and is validated at
+    ``vals[e]``. Returns the phase, the model and the last row."""
+    from filtersurgery.methods.multistep.phases import SST
+
+    m = Toy()
+    sst = SST("sst", [0], 0.1, len(vals), lam=0.0, refresh_bn=False, project=project, keep=keep)
+    sst.set_up(None, [m], 10)
+    for e, v in enumerate(vals):
+        sst.epoch_start(None, e)
+        with torch.no_grad():
+            m.fc.bias.fill_(float(e))
+            if e >= feasible_from:
+                m.b1.weight[:2] = 0.0  # the smallest per-norm scores: 5 of the 14 factors (ceil(0.3 * 14))
+                m.b2.weight[:3] = 0.0
+        sst.after_batches(None, [m], e)
+        row = {}
+        sst.epoch_end(None, [m], e, [v], row)
+    return sst, m, row
+
+
+def test_sst_hands_on_its_best_epoch_among_those_at_target_r_zeros():
+    # epoch 1 has the best validation but is not feasible; of the feasible 2-4, epoch 3 (0-based 2) is best
+    sst, m, row = _sst_epochs("best", [60.0, 90.0, 80.0, 75.0, 70.0], feasible_from=2)
+    assert (row["kept_epoch"], row["kept_val"]) == (3, 80.0)
+    sst.finish(None, [m])
+    assert float(m.fc.bias.detach()[0]) == 2.0  # the model of epoch 3 is what SST hands on
+    assert int((m.b1.weight == 0).sum() + (m.b2.weight == 0).sum()) >= 5
+    # a tie goes to the later epoch; the last epoch is feasible by construction (projection)
+    sst, m, row = _sst_epochs("best", [60.0, 70.0, 70.0], feasible_from=5)
+    assert (row["kept_epoch"], row["kept_val"]) == (3, 70.0)
+    sst.finish(None, [m])
+    assert float(m.fc.bias.detach()[0]) == 2.0
+
+
+def test_sst_keep_last_and_resume_of_the_kept_epoch():
+    sst, m, row = _sst_epochs("last", [60.0, 90.0, 80.0], feasible_from=0)
+    assert "kept_epoch" not in row
+    sst.finish(None, [m])
+    assert float(m.fc.bias.detach()[0]) == 2.0
+    # the kept model travels with the phase's resumable state
+    sst, m, _ = _sst_epochs("best", [60.0, 90.0, 80.0], feasible_from=0)
+    from filtersurgery.methods.multistep.phases import SST
+
+    again = SST("sst", [0], 0.1, 3, lam=0.0, refresh_bn=False)
+    again.set_up(None, [Toy()], 10)
+    again.load_state_dict(copy.deepcopy(sst.state_dict()))
+    assert again.best["epoch"] == 1 and again.best["val"] == 90.0
+    again.finish(None, [m])
+    assert float(m.fc.bias.detach()[0]) == 1.0
+    with pytest.raises(ValueError, match="^keep: must be one of best, last"):
+        SST("sst", [0], 0.1, 3, keep="first")
+    with pytest.raises(ValueError, match="^sst_keep: must be one of best, last"):
+        train.MultiStepConfig(sst_keep="first").validate()
+    assert train.MultiStepConfig().sst_keep == "best" and train.MultiStepConfig(recipe="paper").sst_keep == "last"
+
+
+def test_without_projection_only_epochs_that_reached_target_r_zeros_are_kept():
+    sst, m, row = _sst_epochs("best", [60.0, 90.0, 80.0, 70.0], feasible_from=2, project=False)
+    assert (row["kept_epoch"], row["kept_val"]) == (3, 80.0)
+    sst, m, row = _sst_epochs("best", [60.0, 90.0], feasible_from=5, project=False)
+    assert "kept_epoch" not in row  # none reached them: the last epoch goes on, as before
+    sst.finish(None, [m])
+    assert float(m.fc.bias.detach()[0]) == 1.0

@@ -23,8 +23,10 @@ RECIPES = ("library", "paper")
 # depart from it (docs/method.md, "Where this library departs from the papers"); the paper's AOD lr, 1e-3, is
 # MultiStepConfig.step_lr's
 PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "refresh_bn": False, "sst_project": False,
+                "sst_keep": "last", "msl_step2": False,
                 "e_cut_fraction": 1.0 / 3.0, "at_min_size": 1}
 DASH_GRANULARITIES = ("kernel", "filter")
+SST_KEEPS = ("best", "last")
 
 
 def lam_value(text: str) -> Union[float, str]:
@@ -45,9 +47,13 @@ class MultiStepConfig:
     recipe: str = option("library", flag="--recipe", choices=RECIPES, resume=True,
                          help="library: the defaults (docs/method.md); paper: the multistep paper's exact recipe "
                               "for every setting left at its default (global ranking, subgradient L1 of 1e-4 with "
-                              "the SP_r ramp, stale BN statistics, AT on every block, AOD at lr 1e-3) "
+                              "the SP_r ramp, SST ending on its last epoch, stale BN statistics, AT on "
+                              "every block, AOD at lr 1e-3) "
                               "(default %(default)s)")
-    sst_lr: float = 0.1
+    sst_lr: float = option(  # SST's peak lr (cosine); the proximal push does not depend on it (docs/method.md)
+        0.1, flag="--sst-lr", resume=True,
+        help="peak learning rate of SST's cosine schedule (default %(default)s, the paper's; a model trained to "
+             "convergence on few images per class loses less at 1e-2, docs/results.md)")
     # warm-start baselines (filtersurgery.ops.warmstart): Shrink & Perturb, DASH; chosen on the testbed's
     # validation (docs/warmstart.md; the operations' own defaults are the papers' 0.4 / 0.1 and 0.3)
     sp_shrink: float = option(0.8, flag="--sp-shrink", resume=True,
@@ -94,6 +100,10 @@ class MultiStepConfig:
         True, flag="--no-sst-project", dest="sst_project", resume=True,
         help="ablation: end SST with the zeros its L1 reached, instead of setting the target_r smallest scaling "
              "factors to exactly 0 at the end of its last epoch (before that epoch's BN re-estimate and validation)")
+    sst_keep: str = option(  # SST hands on its best feasible epoch (validation) or its last (docs/method.md)
+        "best", flag="--sst-keep", choices=SST_KEEPS, resume=True,
+        help="which SST epoch the step goes on from: best = the best validation accuracy among the epochs that end "
+             "with target_r of the factors at 0; last = the last epoch (the paper) (default %(default)s)")
     e_cut_fraction: float = option(
         1.0 / 3.0, flag="--e-cut-fraction", resume=True,
         help="E_cut / E_max of SST's SP_r ramp, in [0, 1] (default 1/3, the paper; 0: no ramp, only the "
@@ -111,8 +121,12 @@ class MultiStepConfig:
         4, flag="--at-min-size", resume=True,
         help="attention transfer only on blocks whose map is at least this many pixels a side (default %(default)s)")
     # ablation switches (framework only)
-    msl: bool = option(True, flag="--no-msl", dest="msl", resume=True,  # False: steps >= 3 run SST with CE
-                       help="ablation: steps>=3 run SST with CE, no distillation")
+    msl: bool = option(True, flag="--no-msl", dest="msl", resume=True,  # False: every SST phase with CE
+                       help="ablation: every SST phase with CE, no distillation")
+    msl_step2: bool = option(  # step 2's SST (on Data1) under MSL too, the step-1 model its teacher (docs/method.md)
+        True, flag="--no-msl-step2", dest="msl_step2", resume=True,
+        help="step 2's SST with cross-entropy on Data1 (the paper) instead of under the multi-step loss with the "
+             "step-1 model as its teacher")
     msl_ce: bool = False  # True: MSL adds CE on the current data's labels to KL + AT (beyond the paper)
     teacher_update: bool = option(True, flag="--no-teacher-update", dest="teacher_update", resume=True,
                                   help="ablation: fixed MSL teacher")
@@ -205,6 +219,8 @@ class MultiStepConfig:
                 raise ValueError(f"{name}: must be None or a finite number > 0, got {v}")
         if self.sst_update not in UPDATES:
             raise ValueError(f"sst_update: must be one of {', '.join(UPDATES)}, got {self.sst_update!r}")
+        if self.sst_keep not in SST_KEEPS:
+            raise ValueError(f"sst_keep: must be one of {', '.join(SST_KEEPS)}, got {self.sst_keep!r}")
         if not (isinstance(self.refresh_bn_batches, int) and self.refresh_bn_batches >= 1):
             raise ValueError(f"refresh_bn_batches: must be an integer >= 1, got {self.refresh_bn_batches!r}")
         SparsityConfig(e_cut_fraction=self.e_cut_fraction).validate()  # SST's own check, before step 1 trains

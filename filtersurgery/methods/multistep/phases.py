@@ -46,17 +46,24 @@ class SST(FineTune):
     with. ``lam="auto"`` sizes the L1 to the phase's schedule (``safety``, ``momentum``: ``lam_for_budget``);
     ``refresh_bn`` re-estimates the BN statistics after every epoch; ``project`` sets the ``Target_r`` smallest
     factors to exactly 0 at the end of the last epoch, before its BN re-estimate and validation, and logs how
-    many were not yet at 0 and the largest of them (``projected``, ``projected_max``; docs/method.md, "Do no harm")."""
+    many were not yet at 0 and the largest of them (``projected``, ``projected_max``; docs/method.md, "Do no harm").
+    ``keep="best"`` hands on the epoch with the best validation accuracy among those that end with ``Target_r`` of
+    the factors at 0 (every final target at or below ``zero_tol``, then set to exactly 0), ``"last"`` the last
+    epoch; the last row logs which (``kept_epoch``, ``kept_val``)."""
 
     kind = "sst"
     columns = ("sp_r", "zero_frac")
+    KEEPS = ("best", "last")
 
     def __init__(self, name: str, parts: Sequence[int], lr: float, epochs: int, *, target_r: float = 0.3,
                  ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 1.5,
                  momentum: float = 0.9, e_cut_fraction: float = 1.0 / 3.0, selective: bool = True,
-                 refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True):
+                 refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True, keep: str = "best"):
         super().__init__(name, parts, lr, epochs)
-        self.project, self.projected = project, None
+        if keep not in self.KEEPS:
+            raise ValueError(f"keep: must be one of {', '.join(self.KEEPS)}, got {keep!r}")
+        self.project, self.projected, self.keep = project, None, keep
+        self.feasible, self.best = False, None  # this epoch ends at Target_r zeros; the best such epoch so far
         self.target_r, self.ranking, self.lam, self.update, self.safety = target_r, ranking, lam, update, safety
         self.momentum, self.e_cut_fraction, self.selective = momentum, e_cut_fraction, selective
         self.refresh_bn, self.refresh_bn_batches = refresh_bn, refresh_bn_batches
@@ -84,9 +91,12 @@ class SST(FineTune):
         """At the last epoch's end set the final targets to exactly 0 (``project``; SST only, not BST). Then
         re-estimate the BN running statistics from the phase's training images (``refresh_bn``): the
         factors moved at every step, so the averages of the last batches describe another network."""
-        self.projected = None
+        self.projected, sp = None, self.sparsifier
         if self.project and self.selective and epoch == self.epochs - 1:
-            self.projected = self.sparsifier.project()
+            self.projected = sp.project()
+        elif self.project and self.selective and self.keep == "best" and sp.final_targets_converged():
+            sp.project()  # only factors already at or below zero_tol: the epoch is a candidate for SST's output
+        self.feasible = sp.zero_fraction() >= sp.target_r - 0.5 / sp.n
         if self.refresh_bn:
             x = ctx.train_images()[0][: self.refresh_bn_batches * ctx.batch_size]
             bs = ctx.batch_size
@@ -101,15 +111,30 @@ class SST(FineTune):
         if self.projected is not None:  # the epochs.csv row's extra: what the end's projection moved
             row["projected"] = self.projected["projected"]
             row["projected_max"] = round(self.projected["projected_max"], 6)
+        self._keep_candidate(students[0], epoch, vals[0])
+        if epoch == self.epochs - 1 and self.keep == "best" and self.best is not None:
+            row["kept_epoch"], row["kept_val"] = self.best["epoch"] + 1, round(self.best["val"], 3)
+
+    def _keep_candidate(self, model, epoch, val):
+        """``keep="best"``: remember ``model`` (on the CPU) when this epoch ends at ``Target_r`` zeros and its
+        validation accuracy is at least the best such epoch's so far (a tie goes to the later epoch)."""
+        if self.keep != "best" or not self.feasible or (self.best is not None and val < self.best["val"]):
+            return
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.best = {"epoch": epoch, "val": float(val), "state": state}
 
     def finish(self, ctx, students):
-        return {"scales": self.sparsifier.scales}  # the norm scales of SST's start, for Dri
+        """Hand on the kept epoch (``keep="best"``) and, for Dri, the norm scales of SST's start."""
+        if self.keep == "best" and self.best is not None and self.best["epoch"] != self.epochs - 1:
+            students[0].load_state_dict(self.best["state"])
+        return {"scales": self.sparsifier.scales}
 
     def state_dict(self):
-        return {"sparsifier": self.sparsifier.state_dict()}
+        return {"sparsifier": self.sparsifier.state_dict(), "best": self.best}
 
     def load_state_dict(self, state):
         self.sparsifier.load_state_dict(state["sparsifier"])
+        self.best = state.get("best")
 
 
 class SSTMSL(SST):

@@ -31,12 +31,13 @@ def plan_step(cfg: TrainConfig, opts: MultiStepConfig, step: int) -> List[Phase]
 
 
 def _sst(cfg: TrainConfig, opts: MultiStepConfig, step: int, selective: bool) -> SST:
-    """Step 2: SST with CE on Data1; later steps: SST under MSL on Data_k (``opts.msl``), else with CE."""
-    msl = step > 2 and opts.msl
+    """Step 2: SST with CE on Data1 (under MSL with ``opts.msl_step2``); later steps: SST under MSL on Data_k
+    (``opts.msl``), else with CE."""
+    msl = opts.msl and (step > 2 or opts.msl_step2)
     kw = dict(target_r=opts.target_r, ranking=opts.ranking, lam=opts.lam, update=opts.sst_update,
               safety=opts.sst_safety(msl), momentum=cfg.momentum, e_cut_fraction=opts.e_cut_fraction,
               selective=selective, refresh_bn=opts.refresh_bn, refresh_bn_batches=opts.refresh_bn_batches,
-              project=opts.sst_project)
+              project=opts.sst_project, keep=opts.sst_keep)
     parts = [0] if step == 2 else [step - 1]
     if msl:
         return SSTMSL("sst", parts, opts.sst_lr, cfg.epochs, at_weight=opts.at_weight, at_min_size=opts.at_min_size,
