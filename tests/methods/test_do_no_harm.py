@@ -124,6 +124,7 @@ def test_the_paper_recipe_is_a_named_preset():
     assert (d.ranking, d.lam, d.sst_update, d.refresh_bn, d.sst_project, d.step_lr(train.TrainConfig())) == \
         ("per-norm", "auto", "proximal", True, True, 1e-2)
     assert (d.sst_safety(False), d.sst_safety(True)) == (1.5, 2.0)
+    assert (c.msl_step2, c.sst_keep, c.sst_lr, d.msl_step2, d.sst_keep, d.sst_lr) == (False, "last", 0.1, True, "best", 0.1)
     with pytest.raises(ValueError, match="^recipe: must be one of library, paper"):
         train.MultiStepConfig(recipe="mine").validate()
 
@@ -175,7 +176,8 @@ def test_sst_does_no_harm_to_the_incoming_model(model, epochs, step1_epochs, tmp
 def test_the_paper_recipe_still_collapses_on_the_demo_data(tmp_path, one_thread):
     """What the default avoids, kept runnable: the paper's subgradient ramp (with the library's lam="auto", as
     the trainer ran it before) drops SST's first epoch to chance."""
-    step1, _, rows = _framework_step2("cifar:resnet8", tmp_path, 3, 6, sst_update="subgradient", refresh_bn=False)
+    step1, _, rows = _framework_step2("cifar:resnet8", tmp_path, 3, 6, sst_update="subgradient", refresh_bn=False,
+                                      msl_step2=False, sst_keep="last")
     assert float(rows[0]["val_acc0"]) < step1["val_acc"] - 30
 
 

@@ -84,10 +84,10 @@ class MultiStepConfig:
         "proximal", flag="--sst-update", choices=UPDATES, resume=True,
         help="how SST's L1 acts on its targets: proximal (each step shrinks a target's |gamma| by lam, stopping at 0) "
              "or subgradient (the paper: lam * sign(gamma) added to the gradient) (default %(default)s)")
-    lam_safety: Optional[float] = option(  # the "auto" rule's margin for SST with CE (docs/method.md §1)
+    lam_safety: Optional[float] = option(  # the "auto" rule's margin for step 2's SST and SST with CE (docs/method.md §1)
         None, flag="--lam-safety", resume=True,
-        help="margin of --lam auto for SST with cross-entropy (default 1.5 proximal: the largest final target "
-             "reaches 0 after two thirds of SST; 3 subgradient)")
+        help="margin of --lam auto for step 2's SST and for SST with cross-entropy (default 1.5 proximal: the largest "
+             "final target reaches 0 after two thirds of SST; 3 subgradient)")
     lam_safety_msl: Optional[float] = option(  # ... and for SST under MSL (the teacher's KL pulls back harder)
         None, flag="--lam-safety-msl", resume=True,
         help="margin of --lam auto for SST under the multi-step loss, steps >= 3 (default 2 proximal: after half of SST; 6 subgradient)")

@@ -34,8 +34,9 @@ def _sst(cfg: TrainConfig, opts: MultiStepConfig, step: int, selective: bool) ->
     """Step 2: SST with CE on Data1 (under MSL with ``opts.msl_step2``); later steps: SST under MSL on Data_k
     (``opts.msl``), else with CE."""
     msl = opts.msl and (step > 2 or opts.msl_step2)
+    # the "auto" margin of MSL applies from step 3; step 2's SST keeps the CE margin under MSL too (docs/method.md)
     kw = dict(target_r=opts.target_r, ranking=opts.ranking, lam=opts.lam, update=opts.sst_update,
-              safety=opts.sst_safety(msl), momentum=cfg.momentum, e_cut_fraction=opts.e_cut_fraction,
+              safety=opts.sst_safety(msl and step > 2), momentum=cfg.momentum, e_cut_fraction=opts.e_cut_fraction,
               selective=selective, refresh_bn=opts.refresh_bn, refresh_bn_batches=opts.refresh_bn_batches,
               project=opts.sst_project, keep=opts.sst_keep)
     parts = [0] if step == 2 else [step - 1]
