@@ -347,12 +347,11 @@ def harm_table(found) -> str:
             ssts = [p for e in v for p in e.get("phase_vals") or [] if p["phase"] == "sst"]
             if not ssts:
                 continue
-            for p in ssts:
-                p.setdefault("val_out", p["val_end"])
             cols = []
-            for key in ("val_min", "val_end", "val_out"):
-                worst = min(p[key] - p["val_in"] for p in ssts)
-                cols.append(f"{statistics.fmean(p[key] for p in ssts):.2f} ({worst:+.1f})")
+            for key in ("val_min", "val_end", "val_out"):  # val_out: absent with keep="last", the last epoch's
+                got = [p.get(key, p["val_end"]) for p in ssts]
+                worst = min(g - p["val_in"] for g, p in zip(got, ssts))
+                cols.append(f"{statistics.fmean(got):.2f} ({worst:+.1f})")
             kept = ", ".join(str(p.get("kept_epoch", "last")) for p in ssts)
             zf = [p.get("zero_frac", float("nan")) for p in ssts]
             io = f"{statistics.fmean(e['val_in'] for e in v):.2f} -> {statistics.fmean(e['val_acc'] for e in v):.2f}"

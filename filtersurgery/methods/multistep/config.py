@@ -13,6 +13,7 @@ from typing import Optional, Tuple, Union
 from filtersurgery.data import augment
 from filtersurgery.engine.config import TrainConfig
 from filtersurgery.engine.registry import option
+from filtersurgery.methods.multistep.phases import SST_KEEPS
 from filtersurgery.ops.ranking import DEFAULT_RANKING, RANKINGS, check_ranking
 from filtersurgery.ops.sparsity import UPDATES, SparsityConfig
 
@@ -26,7 +27,6 @@ PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "
                 "sst_keep": "last", "msl_step2": False,
                 "e_cut_fraction": 1.0 / 3.0, "at_min_size": 1}
 DASH_GRANULARITIES = ("kernel", "filter")
-SST_KEEPS = ("best", "last")
 
 
 def lam_value(text: str) -> Union[float, str]:

@@ -29,7 +29,9 @@ from filtersurgery.ops.reinit import rescale
 from filtersurgery.ops.shrink_perturb import shrink_perturb
 from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budget
 
-__all__ = ["SST", "SSTMSL", "AOD", "DML", "LwM", "ShrinkPerturb", "Dash"]
+__all__ = ["SST", "SSTMSL", "AOD", "DML", "LwM", "ShrinkPerturb", "Dash", "SST_KEEPS"]
+
+SST_KEEPS = ("best", "last")  # which SST epoch goes on (SST(keep=), MultiStepConfig.sst_keep)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -53,17 +55,16 @@ class SST(FineTune):
 
     kind = "sst"
     columns = ("sp_r", "zero_frac")
-    KEEPS = ("best", "last")
 
     def __init__(self, name: str, parts: Sequence[int], lr: float, epochs: int, *, target_r: float = 0.3,
                  ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 1.5,
                  momentum: float = 0.9, e_cut_fraction: float = 1.0 / 3.0, selective: bool = True,
                  refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True, keep: str = "best"):
         super().__init__(name, parts, lr, epochs)
-        if keep not in self.KEEPS:
-            raise ValueError(f"keep: must be one of {', '.join(self.KEEPS)}, got {keep!r}")
+        if keep not in SST_KEEPS:
+            raise ValueError(f"keep: must be one of {', '.join(SST_KEEPS)}, got {keep!r}")
         self.project, self.projected, self.keep = project, None, keep
-        self.feasible, self.best = False, None  # this epoch ends at Target_r zeros; the best such epoch so far
+        self.best = None  # keep="best": the best epoch so far that ended at Target_r zeros
         self.target_r, self.ranking, self.lam, self.update, self.safety = target_r, ranking, lam, update, safety
         self.momentum, self.e_cut_fraction, self.selective = momentum, e_cut_fraction, selective
         self.refresh_bn, self.refresh_bn_batches = refresh_bn, refresh_bn_batches
@@ -96,7 +97,6 @@ class SST(FineTune):
             self.projected = sp.project()
         elif self.project and self.selective and self.keep == "best" and sp.final_targets_converged():
             sp.project()  # only factors already at or below zero_tol: the epoch is a candidate for SST's output
-        self.feasible = sp.zero_fraction() >= sp.target_r - 0.5 / sp.n
         if self.refresh_bn:
             x = ctx.train_images()[0][: self.refresh_bn_batches * ctx.batch_size]
             bs = ctx.batch_size
@@ -107,18 +107,19 @@ class SST(FineTune):
     def epoch_end(self, ctx, students, epoch, vals, row):
         sp = self.sparsifier
         row["sp_r"] = round(float(sp.sp_r), 4)
-        row["zero_frac"] = round(sp.zero_fraction(), 4)  # SST's goal: >= target_r
+        zero_frac = sp.zero_fraction()
+        row["zero_frac"] = round(zero_frac, 4)  # SST's goal: >= target_r
         if self.projected is not None:  # the epochs.csv row's extra: what the end's projection moved
             row["projected"] = self.projected["projected"]
             row["projected_max"] = round(self.projected["projected_max"], 6)
-        self._keep_candidate(students[0], epoch, vals[0])
+        self._keep_candidate(students[0], epoch, vals[0], zero_frac >= sp.target_r - 0.5 / sp.n)
         if epoch == self.epochs - 1 and self.keep == "best" and self.best is not None:
             row["kept_epoch"], row["kept_val"] = self.best["epoch"] + 1, round(self.best["val"], 3)
 
-    def _keep_candidate(self, model, epoch, val):
-        """``keep="best"``: remember ``model`` (on the CPU) when this epoch ends at ``Target_r`` zeros and its
-        validation accuracy is at least the best such epoch's so far (a tie goes to the later epoch)."""
-        if self.keep != "best" or not self.feasible or (self.best is not None and val < self.best["val"]):
+    def _keep_candidate(self, model, epoch, val, feasible):
+        """``keep="best"``: remember ``model`` (on the CPU) when this epoch ends at ``Target_r`` zeros (``feasible``)
+        and its validation accuracy is at least the best such epoch's so far (a tie goes to the later epoch)."""
+        if self.keep != "best" or not feasible or (self.best is not None and val < self.best["val"]):
             return
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         self.best = {"epoch": epoch, "val": float(val), "state": state}
