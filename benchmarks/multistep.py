@@ -109,6 +109,8 @@ ABLATIONS = {
     "framework keep=last": dict(method="framework", sst_keep="last"),
     # step 2's SST with CE on Data1 (the paper) instead of under MSL with the step-1 model as its teacher
     "framework CE step2": dict(method="framework", msl_step2=False),
+    # SST under MSL without CE on the labels (the paper's MSL: KL + AT only)
+    "framework MSL without CE": dict(method="framework", msl_ce=False),
     # warm-start baselines: the grid their defaults were chosen from (validation, seed 0)
     "shrink-perturb(0.4,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.4, sp_noise=0.1),
     "shrink-perturb(0.8,0.1)": dict(method="shrink-perturb", lr=1e-2, sp_shrink=0.8, sp_noise=0.1),

@@ -202,13 +202,14 @@ def _blocks_from_probe(model: nn.Module, example_inputs) -> List[str]:
             res.add(before)
         return len(res)
 
-    # units: the trunk flattened until no unit spans more than one resolution change
+    # units: the trunk flattened until no unit spans more than one resolution change; a container whose
+    # output is not a feature map (a Hugging Face encoder's ModelOutput, a tuple) cannot be a block: look inside
     units: List[Tuple[str, nn.Module]] = []
     stack = list(reversed(called_children("", model)))
     while stack:
         name, mod = stack.pop()
         kids = called_children(name, mod)
-        if kids and n_res(name) > 2:
+        if kids and (n_res(name) > 2 or not calls[name].out4d):
             stack.extend(reversed(kids))
         else:
             units.append((name, mod))
@@ -252,7 +253,7 @@ def blocks(model: nn.Module, example_inputs=None) -> List[str]:
       seeded random batch of the model's input size, :func:`~filtersurgery.tracing.probe.example_input`,
       default ``C x 224 x 224``; the global RNG is not touched) flattens the model into
       stage-level units: called modules, descending into any container that spans more
-      than one resolution change and looking through containers that are never called
+      than one resolution change or whose output is not a 4-d feature map, and looking through containers that are never called
       themselves (``ModuleList``, ``ModuleDict``, plain holder modules), so stages nested
       at any depth are found. Units are grouped by the spatial size they end at, along the
       trunk: the first group whose resolution is not smaller than the one before (an

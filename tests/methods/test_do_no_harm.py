@@ -125,6 +125,7 @@ def test_the_paper_recipe_is_a_named_preset():
         ("per-norm", "auto", "proximal", True, True, 1e-2)
     assert (d.sst_safety(False), d.sst_safety(True)) == (1.5, 2.0)
     assert (c.msl_step2, c.sst_keep, c.sst_lr, d.msl_step2, d.sst_keep, d.sst_lr) == (False, "last", 0.1, True, "best", 0.1)
+    assert (c.msl_ce, d.msl_ce) == (False, True)  # the paper's MSL is KL + AT; the library adds CE
     with pytest.raises(ValueError, match="^recipe: must be one of library, paper"):
         train.MultiStepConfig(recipe="mine").validate()
 

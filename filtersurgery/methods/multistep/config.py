@@ -24,7 +24,7 @@ RECIPES = ("library", "paper")
 # depart from it (docs/method.md, "Where this library departs from the papers"); the paper's AOD lr, 1e-3, is
 # MultiStepConfig.step_lr's
 PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "refresh_bn": False, "sst_project": False,
-                "sst_keep": "last", "msl_step2": False,
+                "sst_keep": "last", "msl_step2": False, "msl_ce": False,
                 "e_cut_fraction": 1.0 / 3.0, "at_min_size": 1}
 DASH_GRANULARITIES = ("kernel", "filter")
 
@@ -127,7 +127,9 @@ class MultiStepConfig:
         True, flag="--no-msl-step2", dest="msl_step2", resume=True,
         help="step 2's SST with cross-entropy on Data1 (the paper) instead of under the multi-step loss with the "
              "step-1 model as its teacher")
-    msl_ce: bool = False  # True: MSL adds CE on the current data's labels to KL + AT (beyond the paper)
+    msl_ce: bool = option(  # MSL adds CE on the SST data's labels to KL + AT (beyond the paper; docs/method.md)
+        True, flag="--no-msl-ce", dest="msl_ce", resume=True,
+        help="SST under the multi-step loss without cross-entropy on the labels (the paper: KL + AT only)")
     teacher_update: bool = option(True, flag="--no-teacher-update", dest="teacher_update", resume=True,
                                   help="ablation: fixed MSL teacher")
     students: int = option(2, flag="--students", choices=(1, 2), resume=True,  # 1: AOD with one student (CE + alpha * L_CR)
