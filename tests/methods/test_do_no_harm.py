@@ -248,3 +248,15 @@ def test_without_projection_only_epochs_that_reached_target_r_zeros_are_kept():
     assert "kept_epoch" not in row  # none reached them: the last epoch goes on, as before
     sst.finish(None, [m])
     assert float(m.fc.bias.detach()[0]) == 1.0
+
+
+def test_sst_under_msl_adds_cross_entropy_on_the_labels_by_default():
+    """msl_ce=True: every SST phase under MSL adds CE on its labels; --no-msl-ce and the paper recipe leave eq. 9 alone."""
+    from filtersurgery.methods.multistep.phases import SSTMSL
+
+    cfg = train.TrainConfig(method="framework", steps=4, epochs=2)
+    for opts, want in ((train.MultiStepConfig(), True), (train.MultiStepConfig(msl_ce=False), False),
+                       (train.MultiStepConfig(recipe="paper"), False)):
+        ssts = [train.plan_step(cfg, opts.validate(), k)[0] for k in (2, 3, 4)]
+        msl = [p for p in ssts if isinstance(p, SSTMSL)]
+        assert len(msl) == (3 if opts.msl_step2 else 2) and all(p.msl_ce is want for p in msl)
