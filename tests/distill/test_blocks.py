@@ -150,9 +150,35 @@ class CalledEncoderDictGroups(nn.Module):
         return {f"p{i}": h(f) for i, (h, f) in enumerate(zip(self.heads, self.encoder(torch.relu(self.pre(x)))))}
 
 
+class EncoderWithModelOutput(nn.Module):
+    """A Hugging Face-style encoder: two stages at two resolutions in a called container that returns a dict (a
+    ``ModelOutput``). It spans one resolution change only, but its output is no feature map: it cannot be a block."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([nn.Sequential(Unit(8, 8), Unit(8, 8)),
+                                         nn.Sequential(Unit(8, 16, 2), Unit(16, 16))])
+
+        def forward(self, x):
+            for stage in self.stages:
+                x = stage(x)
+            return {"last_hidden_state": x}
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.encoder = self.Encoder()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.stem(x))["last_hidden_state"].mean((2, 3)))
+
+
 @pytest.mark.parametrize("cls,expected", [
     (HolderStages, ["trunk.levels.lvl_a", "trunk.levels.lvl_b", "trunk.levels.zz"]),
     (CalledEncoderDictGroups, [f"encoder.groups.{i}.body" for i in range(4)]),
+    (EncoderWithModelOutput, ["encoder.stages.0", "encoder.stages.1"]),
 ])
 def test_blocks_of_nested_oddly_named_stages(cls, expected):
     torch.manual_seed(0)
@@ -226,38 +252,3 @@ def test_blocks_and_trace_on_transformers_cnns(cls_name):
     sm = trace(model, x)  # the tracer maps these models too (ConvNeXt's channels-first LayerNorm included)
     assert len(sm.mapped) > 0 and sm.coverage == 1.0, sm.unscaled
 
-
-class _Stage(nn.Sequential):
-    def __init__(self, cin, cout, stride):
-        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(),
-                         nn.Conv2d(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class _DictEncoder(nn.Module):
-    """Two stages at two resolutions whose container returns a dict (as a Hugging Face encoder's ModelOutput)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stages = nn.ModuleList([_Stage(8, 8, 1), _Stage(8, 16, 2)])
-
-    def forward(self, x):
-        for s in self.stages:
-            x = s(x)
-        return {"last_hidden_state": x}
-
-
-class _DictNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
-        self.encoder = _DictEncoder()
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        h = self.encoder(self.stem(x))["last_hidden_state"]
-        return self.head(h.mean((2, 3)))
-
-
-def test_blocks_look_inside_a_container_whose_output_is_not_a_feature_map():
-    # the encoder spans one resolution change only, but returns a dict: it cannot be a block itself
-    assert blocks(_DictNet(), torch.randn(2, 1, 28, 28)) == ["encoder.stages.0", "encoder.stages.1"]
