@@ -55,6 +55,8 @@ class PhaseContext:
     accuracy: Callable[[nn.Module], float]  # validation accuracy (%) on the phase's parts, fp32
     example: Callable[[int], torch.Tensor]  # n normalized validation images of the phase's parts, on the device
     new_model: Callable[..., nn.Module]  # ``new_model(seed_offset=0, fresh=False)``: the run's model, seeded
+    # accuracy (%) on the phase's un-augmented training images, fp32 (None: not available)
+    train_accuracy: Optional[Callable[[nn.Module], float]] = None
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -175,6 +175,7 @@ class Run:
                             mean=self.data.mean, std=self.data.std,
                             train_images=lambda: self.part_xy(parts, "train"),
                             accuracy=lambda model: self.acc(model, parts),
+                            train_accuracy=lambda model: self.train_acc(model, parts),
                             example=lambda n=2: self.example(parts, n), new_model=self.new_model)
 
     # -- files

@@ -170,6 +170,8 @@ def test_sst_does_no_harm_to_the_incoming_model(model, epochs, step1_epochs, tmp
     feasible = [float(r["val_acc0"]) for r in rows if float(r["zero_frac"]) >= 0.3]
     assert (sst["kept_epoch"], sst["val_out"]) == (moved["kept_epoch"], moved["kept_val"])
     assert sst["val_out"] == max(feasible) >= vals[-1] and sst["val_out"] >= incoming - 3
+    # the step-1 model does not fit Data1 yet (well below sst_fit_acc = 99%): SST at the lr given
+    assert sst["train_acc_in"] == moved["train_acc_in"] < 99 and sst["peak_lr"] == 0.1
     assert step2["val_in"] is not None and "worse" in step2
 
 
@@ -260,3 +262,62 @@ def test_sst_under_msl_adds_cross_entropy_on_the_labels_by_default():
         ssts = [train.plan_step(cfg, opts.validate(), k)[0] for k in (2, 3, 4)]
         msl = [p for p in ssts if isinstance(p, SSTMSL)]
         assert len(msl) == (3 if opts.msl_step2 else 2) and all(p.msl_ce is want for p in msl)
+
+
+# --------------------------------------------------------------------------- SST on a model that fits its images
+def _fit_ctx(train_acc, calls):
+    """A phase context whose training accuracy is ``train_acc`` (each call recorded in ``calls``)."""
+    from filtersurgery.train import PhaseContext
+
+    def train_accuracy(model):
+        calls.append(model)
+        return train_acc
+
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    return PhaseContext(step=2, name="sst", seed=0, device=torch.device("cpu"), amp=None, channels_last=False,
+                        batch_size=4, mean=(0.0,), std=(1.0,), train_images=lambda: (x, torch.zeros(4).long()),
+                        accuracy=lambda model: 0.0, example=lambda n=2: x[:n].float(),
+                        new_model=lambda seed_offset=0, fresh=False: None, train_accuracy=train_accuracy)
+
+
+def test_sst_on_a_model_that_fits_its_training_images_runs_at_a_tenth_of_the_lr_with_early_zeros():
+    """fit_acc: a model at or above it on the phase's training images gets lr * 0.1 and lam="auto"'s margin 3
+    (zeros due by a third of SST); below it, without a context or with fit_acc=None, SST is as given."""
+    from filtersurgery.methods.multistep.phases import FIT_LR_SCALE, FIT_SAFETY, SST
+
+    assert (FIT_LR_SCALE, FIT_SAFETY) == (0.1, 3.0)
+    for acc, fit_acc, lr, catch_up in ((99.6, 99.0, 0.01, 1 / 3), (99.0, 99.0, 0.01, 1 / 3),
+                                       (98.9, 99.0, 0.1, 1 / 1.5), (100.0, None, 0.1, 1 / 1.5)):
+        calls, m = [], Toy()
+        sst = SST("sst", [0], 0.1, 3, safety=1.5, refresh_bn=False, fit_acc=fit_acc)
+        sst.set_up(_fit_ctx(acc, calls), [m], 10)
+        assert sst.lr == pytest.approx(lr) and sst.sparsifier.config.catch_up == pytest.approx(catch_up)
+        assert calls == ([m] if fit_acc is not None else [])
+        # a proximal "auto" lam is the margin times the Target_r quantile over the steps: twice as large at 3
+        row = {}
+        for e in range(3):
+            sst.epoch_end(None, [m], e, [50.0], row)
+        assert (row.get("train_acc_in"), row.get("peak_lr")) == ((acc, pytest.approx(lr)) if fit_acc else (None, None))
+    # a larger margin given by the user stays; set_up again starts from the lr given, not the scaled one
+    sst = SST("sst", [0], 0.1, 3, safety=4.0, refresh_bn=False, fit_acc=99.0)
+    for _ in range(2):
+        sst.set_up(_fit_ctx(100.0, []), [Toy()], 10)
+        assert sst.lr == pytest.approx(0.01) and sst.sparsifier.config.catch_up == pytest.approx(0.25)
+    sst.set_up(None, [Toy()], 10)  # driven by hand without a run: as given
+    assert sst.lr == 0.1
+    with pytest.raises(ValueError, match=r"^fit_acc: must be None or in \(0, 100\]"):
+        SST("sst", [0], 0.1, 3, fit_acc=120.0)
+
+
+def test_sst_fit_acc_option_reaches_every_sst_phase_and_the_paper_recipe_leaves_it_off():
+    from filtersurgery.methods.multistep.config import fit_acc_value
+
+    cfg = train.TrainConfig(method="framework", steps=4, epochs=2)
+    for opts, want in ((train.MultiStepConfig(), 99.0), (train.MultiStepConfig(sst_fit_acc=95.0), 95.0),
+                       (train.MultiStepConfig(sst_fit_acc=None), None), (train.MultiStepConfig(recipe="paper"), None)):
+        assert all(train.plan_step(cfg, opts.validate(), k)[0].fit_acc == want for k in (2, 3, 4))
+    with pytest.raises(ValueError, match=r"^sst_fit_acc: must be None or in \(0, 100\], got 0"):
+        train.MultiStepConfig(sst_fit_acc=0).validate()
+    assert fit_acc_value("none") is None and fit_acc_value("97.5") == 97.5
+    with pytest.raises(ValueError, match="^must be 'none' or a number in"):
+        fit_acc_value("high")

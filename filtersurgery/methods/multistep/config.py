@@ -17,14 +17,14 @@ from filtersurgery.methods.multistep.phases import SST_KEEPS
 from filtersurgery.ops.ranking import DEFAULT_RANKING, RANKINGS, check_ranking
 from filtersurgery.ops.sparsity import UPDATES, SparsityConfig
 
-__all__ = ["MultiStepConfig", "PAPER_RECIPE", "RECIPES", "lam_value"]
+__all__ = ["MultiStepConfig", "PAPER_RECIPE", "RECIPES", "lam_value", "fit_acc_value"]
 
 RECIPES = ("library", "paper")
 # the multistep paper's recipe (MultiStepConfig(recipe="paper"), --recipe paper): where the library's defaults
 # depart from it (docs/method.md, "Where this library departs from the papers"); the paper's AOD lr, 1e-3, is
 # MultiStepConfig.step_lr's
 PAPER_RECIPE = {"ranking": "global", "lam": 1e-4, "sst_update": "subgradient", "refresh_bn": False, "sst_project": False,
-                "sst_keep": "last", "msl_step2": False, "msl_ce": False,
+                "sst_keep": "last", "msl_step2": False, "msl_ce": False, "sst_fit_acc": None,
                 "e_cut_fraction": 1.0 / 3.0, "at_min_size": 1}
 DASH_GRANULARITIES = ("kernel", "filter")
 
@@ -39,6 +39,17 @@ def lam_value(text: str) -> Union[float, str]:
         raise ValueError(f"must be 'auto' or a number >= 0, got {text!r}") from None
 
 
+def fit_acc_value(text: str) -> Optional[float]:
+    """``--sst-fit-acc``: ``none`` or a number (one-line ValueError otherwise; :meth:`MultiStepConfig.validate`
+    checks the range)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be 'none' or a number in (0, 100], got {text!r}") from None
+
+
 @dataclass
 class MultiStepConfig:
     """Options of the multi-step framework and its baselines. Defaults: docs/method.md §1-4 and "Do no harm"."""
@@ -48,12 +59,12 @@ class MultiStepConfig:
                          help="library: the defaults (docs/method.md); paper: the multistep paper's exact recipe "
                               "for every setting left at its default (global ranking, subgradient L1 of 1e-4 with "
                               "the SP_r ramp, SST ending on its last epoch, stale BN statistics, AT on "
-                              "every block, AOD at lr 1e-3) "
+                              "every block, AOD at lr 1e-3, SST at --sst-lr whatever the model's training accuracy) "
                               "(default %(default)s)")
-    sst_lr: float = option(  # SST's peak lr (cosine); the proximal push does not depend on it (docs/method.md)
+    sst_lr: float = option(  # SST's peak lr (cosine; x FIT_LR_SCALE under sst_fit_acc); the proximal push ignores it
         0.1, flag="--sst-lr", resume=True,
-        help="peak learning rate of SST's cosine schedule (default %(default)s, the paper's; a model trained to "
-             "convergence on few images per class loses less at 1e-2, docs/results.md)")
+        help="peak learning rate of SST's cosine schedule (default %(default)s, the paper's; a model that already "
+             "fits SST's training images gets a tenth of it, --sst-fit-acc)")
     # warm-start baselines (filtersurgery.ops.warmstart): Shrink & Perturb, DASH; chosen on the testbed's
     # validation (docs/warmstart.md; the operations' own defaults are the papers' 0.4 / 0.1 and 0.3)
     sp_shrink: float = option(0.8, flag="--sp-shrink", resume=True,
@@ -100,6 +111,10 @@ class MultiStepConfig:
         True, flag="--no-sst-project", dest="sst_project", resume=True,
         help="ablation: end SST with the zeros its L1 reached, instead of setting the target_r smallest scaling "
              "factors to exactly 0 at the end of its last epoch (before that epoch's BN re-estimate and validation)")
+    sst_fit_acc: Optional[float] = option(  # SST on a model that already fits its training images (docs/method.md)
+        99.0, flag="--sst-fit-acc", type=fit_acc_value, resume=True,
+        help="when the incoming model's accuracy on SST's training images is at least this (%%), SST runs at a "
+             "tenth of --sst-lr with its zeros due by a third of the phase; 'none': never (default %(default)s)")
     sst_keep: str = option(  # SST hands on its best feasible epoch (validation) or its last (docs/method.md)
         "best", flag="--sst-keep", choices=SST_KEEPS, resume=True,
         help="which SST epoch the step goes on from: best = the best validation accuracy among the epochs that end "
@@ -213,8 +228,8 @@ class MultiStepConfig:
             raise ValueError(f"dash_granularity: must be kernel or filter, got {self.dash_granularity!r}")
 
     def _check_sst_options(self) -> None:
-        """``lam_safety*``, ``sst_update``, ``refresh_bn_batches``, ``e_cut_fraction``, ``aod_flip``, ``ranking``,
-        ``at_min_size``."""
+        """``lam_safety*``, ``sst_update``, ``sst_fit_acc``, ``refresh_bn_batches``, ``e_cut_fraction``,
+        ``aod_flip``, ``ranking``, ``at_min_size``."""
         for name in ("lam_safety", "lam_safety_msl"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -223,6 +238,9 @@ class MultiStepConfig:
             raise ValueError(f"sst_update: must be one of {', '.join(UPDATES)}, got {self.sst_update!r}")
         if self.sst_keep not in SST_KEEPS:
             raise ValueError(f"sst_keep: must be one of {', '.join(SST_KEEPS)}, got {self.sst_keep!r}")
+        if self.sst_fit_acc is not None and not (isinstance(self.sst_fit_acc, (int, float))
+                                                 and 0 < self.sst_fit_acc <= 100):
+            raise ValueError(f"sst_fit_acc: must be None or in (0, 100], got {self.sst_fit_acc!r}")
         if not (isinstance(self.refresh_bn_batches, int) and self.refresh_bn_batches >= 1):
             raise ValueError(f"refresh_bn_batches: must be an integer >= 1, got {self.refresh_bn_batches!r}")
         SparsityConfig(e_cut_fraction=self.e_cut_fraction).validate()  # SST's own check, before step 1 trains

@@ -80,7 +80,8 @@ def _phase_record(run: Run, step: int, phase: Phase, val_in: Optional[float]) ->
     """One phase's do-no-harm numbers for ``metrics.json``: the validation accuracy of the model it received
     (``val_in``), its lowest and last epoch (best student), SST's fraction of factors at zero and what its
     end's projection moved (``projected``, ``projected_max``: :meth:`~filtersurgery.ops.sparsity.Sparsifier.project`),
-    and the epoch SST handed on with its validation accuracy (``kept_epoch``, ``val_out``; ``MultiStepConfig.sst_keep``)."""
+    the epoch SST handed on with its validation accuracy (``kept_epoch``, ``val_out``; ``MultiStepConfig.sst_keep``),
+    and the incoming model's training accuracy with SST's peak lr (``train_acc_in``, ``peak_lr``; ``sst_fit_acc``)."""
     rows = [r for r in _epoch_rows(run) if r.get("step") == str(step) and r.get("phase") == phase.name]
     vals = [max(float(r[k]) for k in ("val_acc0", "val_acc1") if r.get(k) not in (None, "")) for r in rows]
     rec = {"phase": phase.name, "val_in": None if val_in is None else round(val_in, 4),
@@ -88,7 +89,8 @@ def _phase_record(run: Run, step: int, phase: Phase, val_in: Optional[float]) ->
     if rows and rows[-1].get("zero_frac") not in (None, ""):
         rec["zero_frac"] = float(rows[-1]["zero_frac"])
         extra = json.loads(rows[-1].get("extra") or "{}")
-        rec.update({k: extra[k] for k in ("projected", "projected_max", "kept_epoch") if k in extra})
+        rec.update({k: extra[k] for k in ("projected", "projected_max", "kept_epoch", "train_acc_in", "peak_lr")
+                    if k in extra})
         if "kept_val" in extra:  # keep="best": the epoch SST handed on, not necessarily its last
             rec["val_out"] = extra["kept_val"]
     return rec

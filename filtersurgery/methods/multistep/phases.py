@@ -32,6 +32,9 @@ from filtersurgery.ops.sparsity import Sparsifier, SparsityConfig, lam_for_budge
 __all__ = ["SST", "SSTMSL", "AOD", "DML", "LwM", "ShrinkPerturb", "Dash", "SST_KEEPS"]
 
 SST_KEEPS = ("best", "last")  # which SST epoch goes on (SST(keep=), MultiStepConfig.sst_keep)
+# SST on a model that already fits the phase's training images (SST(fit_acc=), MultiStepConfig.sst_fit_acc):
+# the peak lr times FIT_LR_SCALE and lam="auto"'s margin at least FIT_SAFETY (docs/method.md, "Do no harm")
+FIT_LR_SCALE, FIT_SAFETY = 0.1, 3.0
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -51,7 +54,11 @@ class SST(FineTune):
     many were not yet at 0 and the largest of them (``projected``, ``projected_max``; docs/method.md, "Do no harm").
     ``keep="best"`` hands on the epoch with the best validation accuracy among those that end with ``Target_r`` of
     the factors at 0 (every final target at or below ``zero_tol``, then set to exactly 0), ``"last"`` the last
-    epoch; the last row logs which (``kept_epoch``, ``kept_val``)."""
+    epoch; the last row logs which (``kept_epoch``, ``kept_val``). ``fit_acc``: when the incoming model's
+    accuracy on the phase's un-augmented training images is at least ``fit_acc`` (%), the model already fits
+    them and SST runs at ``lr * FIT_LR_SCALE`` with ``lam="auto"``'s margin at least ``FIT_SAFETY`` (its zeros
+    due by a third of the phase); the last row logs the accuracy and the peak lr (``train_acc_in``,
+    ``peak_lr``)."""
 
     kind = "sst"
     columns = ("sp_r", "zero_frac")
@@ -59,10 +66,14 @@ class SST(FineTune):
     def __init__(self, name: str, parts: Sequence[int], lr: float, epochs: int, *, target_r: float = 0.3,
                  ranking: str = "per-norm", lam="auto", update: str = "proximal", safety: float = 1.5,
                  momentum: float = 0.9, e_cut_fraction: float = 1.0 / 3.0, selective: bool = True,
-                 refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True, keep: str = "best"):
+                 refresh_bn: bool = True, refresh_bn_batches: int = 50, project: bool = True, keep: str = "best",
+                 fit_acc: Optional[float] = None):
         super().__init__(name, parts, lr, epochs)
         if keep not in SST_KEEPS:
             raise ValueError(f"keep: must be one of {', '.join(SST_KEEPS)}, got {keep!r}")
+        if fit_acc is not None and not (isinstance(fit_acc, (int, float)) and 0 < fit_acc <= 100):
+            raise ValueError(f"fit_acc: must be None or in (0, 100], got {fit_acc!r}")
+        self.base_lr, self.fit_acc, self.train_acc_in = lr, fit_acc, None
         self.project, self.projected, self.keep = project, None, keep
         self.best = None  # keep="best": the best epoch so far that ended at Target_r zeros
         self.target_r, self.ranking, self.lam, self.update, self.safety = target_r, ranking, lam, update, safety
@@ -71,14 +82,29 @@ class SST(FineTune):
 
     def set_up(self, ctx, students, batches):
         model = students[0]
+        safety = self._fit_lr_and_safety(ctx, model)
         lam = self.lam if self.lam != "auto" else lam_for_budget(
-            model, self.target_r, self.lr, self.epochs * max(1, batches), self.momentum, self.safety, self.ranking,
+            model, self.target_r, self.lr, self.epochs * max(1, batches), self.momentum, safety, self.ranking,
             update=self.update)
         # proximal "auto": the largest final target is due at 0 after 1 / safety of the phase; a late target catches up
-        catch_up = 1.0 / self.safety if self.update == "proximal" and self.lam == "auto" else None
+        catch_up = 1.0 / safety if self.update == "proximal" and self.lam == "auto" else None
         self.grad_hook = Sparsifier(as_scaling_map(model), SparsityConfig(
             target_r=self.target_r, epochs=self.epochs, lam=lam, selective=self.selective,
             e_cut_fraction=self.e_cut_fraction, ranking=self.ranking, update=self.update, catch_up=catch_up))
+
+    def _fit_lr_and_safety(self, ctx, model) -> float:
+        """Set the phase's peak lr and return ``lam="auto"``'s margin: ``lr * FIT_LR_SCALE`` and at least
+        ``FIT_SAFETY`` when the incoming model already fits the training images (``fit_acc``), else as given.
+        A model that fits them has nothing left to learn from them at a large lr, which only shakes it (the
+        paper's regime: one epoch at 0.1 without any L1 cost 14 points); at the small lr it cannot make up
+        for zeros that arrive late, so they are due early."""
+        self.lr, safety = self.base_lr, self.safety
+        if self.fit_acc is None or ctx is None or ctx.train_accuracy is None:
+            return safety
+        self.train_acc_in = float(ctx.train_accuracy(model))
+        if self.train_acc_in >= self.fit_acc:
+            self.lr, safety = self.base_lr * FIT_LR_SCALE, max(safety, FIT_SAFETY)
+        return safety
 
     @property
     def sparsifier(self) -> Sparsifier:
@@ -115,6 +141,8 @@ class SST(FineTune):
         self._keep_candidate(students[0], epoch, vals[0], zero_frac >= sp.target_r - 0.5 / sp.n)
         if epoch == self.epochs - 1 and self.keep == "best" and self.best is not None:
             row["kept_epoch"], row["kept_val"] = self.best["epoch"] + 1, round(self.best["val"], 3)
+        if epoch == self.epochs - 1 and self.train_acc_in is not None:  # what decided the lr (fit_acc)
+            row["train_acc_in"], row["peak_lr"] = round(self.train_acc_in, 4), float(f"{self.lr:.6g}")
 
     def _keep_candidate(self, model, epoch, val, feasible):
         """``keep="best"``: remember ``model`` (on the CPU) when this epoch ends at ``Target_r`` zeros (``feasible``)

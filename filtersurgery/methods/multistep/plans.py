@@ -38,7 +38,7 @@ def _sst(cfg: TrainConfig, opts: MultiStepConfig, step: int, selective: bool) ->
     kw = dict(target_r=opts.target_r, ranking=opts.ranking, lam=opts.lam, update=opts.sst_update,
               safety=opts.sst_safety(msl and step > 2), momentum=cfg.momentum, e_cut_fraction=opts.e_cut_fraction,
               selective=selective, refresh_bn=opts.refresh_bn, refresh_bn_batches=opts.refresh_bn_batches,
-              project=opts.sst_project, keep=opts.sst_keep)
+              project=opts.sst_project, keep=opts.sst_keep, fit_acc=opts.sst_fit_acc)
     parts = [0] if step == 2 else [step - 1]
     if msl:
         return SSTMSL("sst", parts, opts.sst_lr, cfg.epochs, at_weight=opts.at_weight, at_min_size=opts.at_min_size,
